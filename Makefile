@@ -1,0 +1,55 @@
+# typhoon-nb: two commands on a fresh machine, `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# PyTorch spec. torch==2.13.0 is the CPU build this project is tested on (on our machines it installs from local
+# disk; a bare `torch` pulls a multi-GB CUDA build). On a GPU machine: make demo TORCH_SPEC="torch>=2.4"
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(BIN)/python -m pip -q --disable-pip-version-check
+# nbdev_test workers; notebooks train small models, two at once suit two cores
+NB_WORKERS ?= 2
+
+.PHONY: demo test install install-dev sync-check nbtest pytest readme clean-nbs
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python settings.ini setup.py
+	$(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+## The main job on the embedded default
+demo: install
+	$(BIN)/python -c "from typhoon_nb.config import RunConfig; print(RunConfig().validate().to_yaml())"
+
+## Everything CI checks
+test: install-dev sync-check nbtest pytest
+
+# nbdev_clean and nbdev_export must change nothing: the notebooks are clean and the library matches them
+sync-check: install-dev
+	@snap() { find nbs typhoon_nb -type f \( -name '*.ipynb' -o -name '*.py' \) -not -path '*/.ipynb_checkpoints/*' | sort | xargs md5sum; }; \
+	snap > /tmp/typhoon-nb-sync.before; \
+	$(BIN)/nbdev_clean && $(BIN)/nbdev_export; \
+	snap > /tmp/typhoon-nb-sync.after; \
+	if ! diff /tmp/typhoon-nb-sync.before /tmp/typhoon-nb-sync.after; then \
+	  echo "nbdev_clean/nbdev_export changed the files above: run them and commit"; exit 1; fi; \
+	echo "sync-check: notebooks clean, typhoon_nb/ matches nbs/"
+
+nbtest: install-dev
+	$(BIN)/nbdev_test --n_workers $(NB_WORKERS)
+
+pytest: install-dev
+	$(BIN)/python -m pytest tests -q
+
+readme: install-dev
+	$(BIN)/python -c "from typhoon_nb.docs import make_readme; make_readme()"
