@@ -223,3 +223,18 @@ def test_prefix_tuning_groups(tok):
     gs = {g['name']: g for g in param_groups(model, RunConfig(weight_decay=0.1), StageConfig(data='x'))}
     assert list(gs) == ['no_decay']  # the prefix table is an embedding: no decay, and not the token-embedding LR
     assert sum(len(g['params']) for g in gs.values()) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_padding_free_batch_keeps_examples_apart(tmp_path, tok):
+    "A batch from TRL's padding-free collator gives each example the logits it has alone (TRL calls with use_cache=False)."
+    model = tiny(len(tok)).eval()
+    tr = sft_trainer(tmp_path, tok, model, RunConfig(packing=True), sft_stage(max_length=128))
+    batch = next(iter(tr.get_train_dataloader()))
+    assert 'attention_mask' not in batch and batch['input_ids'].shape[0] == 1
+    with torch.no_grad():
+        packed = model(input_ids=batch['input_ids'], position_ids=batch['position_ids'], use_cache=False).logits[0]
+        starts = (batch['position_ids'][0] == 0).nonzero().flatten().tolist() + [batch['input_ids'].shape[1]]
+        assert len(starts) > 2  # several examples in the row
+        for a, b in zip(starts, starts[1:]):
+            alone = model(input_ids=batch['input_ids'][:, a:b], use_cache=False).logits[0]
+            assert (packed[a:b] - alone).abs().max().item() < 1e-4
