@@ -11,7 +11,7 @@ _script = Path(sys.executable).parent / 'typhoon-nb'
 CLI = [str(_script)] if _script.exists() else [sys.executable, '-m', 'typhoon_nb.jobs']
 ENV = os.environ | {'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1', 'TOKENIZERS_PARALLELISM': 'false', 'PYTHONHASHSEED': '0'}
 
-SFT = dict(kind='sft', data='demo:sft', lr=5e-3, max_steps=4, batch_size=8, max_length=64, save_steps=0, eval_samples=int(os.environ.get('EVS', 8)))
+SFT = dict(kind='sft', data='demo:sft', lr=5e-3, max_steps=4, batch_size=8, max_length=64, save_steps=0, eval_samples=8)
 BASE = dict(model='micro-typhoon', quantization='none', precision='fp32', lora_r=8, lora_alpha=16.0, warmup_ratio=0.0,
             prefix_tokens=4, stages=[SFT])
 
