@@ -220,6 +220,10 @@ def save_adapter(model, path) -> Path:
     (path/MARKER).write_text(json.dumps({'method': method, 'parts': parts}, indent=1))
     return path
 
+def _unfreeze_prefix(model):
+    for n, p in model.named_parameters():
+        if 'prompt_encoder' in n: p.requires_grad_(True)
+
 def load_adapter(base_model, path, is_trainable:bool=False):
     "Put the adapters saved under `path` (by `save_adapter`, or any vanilla PEFT folder) on `base_model`."
     from peft import PeftModel
@@ -229,12 +233,17 @@ def load_adapter(base_model, path, is_trainable:bool=False):
         except (ValueError, KeyError) as e: raise ValueError(f"{path/MARKER}: not a valid adapter marker ({e!r})") from None
     elif (path/'adapter_config.json').exists(): method = 'vanilla'
     else: raise FileNotFoundError(f"{path}: no adapter here (expected {MARKER} or adapter_config.json)")
-    if method != 'both': return fix_prefix_generation(PeftModel.from_pretrained(base_model, path, is_trainable=is_trainable))
+    if method != 'both':
+        cfg = json.loads((path/'adapter_config.json').read_text()) if (path/'adapter_config.json').exists() else {}
+        prompt = cfg.get('peft_type') == 'PREFIX_TUNING'  # PEFT loads prompt learning frozen only; unfreeze after
+        model = PeftModel.from_pretrained(base_model, path, is_trainable=is_trainable and not prompt)
+        if prompt and is_trainable: _unfreeze_prefix(model)
+        return fix_prefix_generation(model)
     for part in ('lora', 'prefix'):
         if not (path/part/'adapter_config.json').exists(): raise FileNotFoundError(f"{path/part/'adapter_config.json'}: missing part of a 'both' adapter")
     inner = PeftModel.from_pretrained(base_model, path/'lora', is_trainable=is_trainable).base_model.model
-    model = _quiet(PeftModel.from_pretrained, inner, path/'prefix', is_trainable=is_trainable)
-    if is_trainable: _unfreeze_lora(model)
+    model = _quiet(PeftModel.from_pretrained, inner, path/'prefix')
+    if is_trainable: _unfreeze_lora(model); _unfreeze_prefix(model)
     return fix_prefix_generation(model)
 
 # %% ../nbs/03_adapters.ipynb #eb239aab
