@@ -228,3 +228,18 @@ def test_refuses_quantized_mlp():
 def test_load_moe_refuses_dense_folder(tmp_path):
     tiny().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"config.json has no `moe_upcycling` entry"): load_moe(tmp_path)
+
+
+def test_qlora_path_patch_then_quantize_then_lora():
+    pytest.importorskip('bitsandbytes')
+    from peft import LoraConfig, get_peft_model
+    from typhoon_nb.loader import quantization_config, quantize_in_place
+    mx, _ = upcycle_to_mixtral(tiny(), num_experts=4, top_k=2)
+    quantize_in_place(mx, quantization_config('4bit', torch.float32), 'cpu')
+    assert type(mx.model.layers[0].self_attn.q_proj).__name__ == 'Linear4bit'
+    assert mx.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.float32  # fused experts are not nn.Linear
+    pm = get_peft_model(mx, LoraConfig(r=4, lora_alpha=8, **moe_lora_kwargs()))
+    pm.train()
+    pm(IDS, labels=IDS).loss.backward()
+    trainable = [(n, p) for n, p in pm.named_parameters() if p.requires_grad]
+    assert any('experts' in n for n, _ in trainable) and all(p.grad is not None for _, p in trainable)
