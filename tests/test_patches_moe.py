@@ -215,6 +215,11 @@ def test_twice_and_partial_to_mixtral_refused():
     apply_moe(m, num_experts=4, layers=[0])
     with pytest.raises(ValueError, match=r'moe layers: \[0\] are already upcycled'): apply_moe(m, num_experts=4, layers=[0])
     with pytest.raises(ValueError, match=r'to_mixtral: layers \[1, 2\] are dense'): to_mixtral(m)
+    with pytest.raises(ValueError, match=r'moe: layers \[0\] already have 4 experts, top-2'):
+        apply_moe(m, num_experts=8, layers=[1])
+    r = apply_moe(m, num_experts=4, layers=[1, 2])  # the rest, same shape: now a full Mixtral
+    assert m.config.moe_upcycling['layers'] == [0, 1, 2] and 'to_mixtral' in r.notes[0]
+    assert type(to_mixtral(m)) is MixtralForCausalLM
 
 
 def test_refuses_quantized_mlp():

@@ -148,13 +148,16 @@ def apply_moe(model, # a Mistral/Llama-family causal LM with full-precision weig
     if bad: raise ValueError(f"moe layers: {bad} out of range 0..{n - 1}")
     done = [i for i in idx if isinstance(dec[i].mlp, MixtralSparseMoeBlock)]
     if done: raise ValueError(f"moe layers: {done} are already upcycled")
+    prev = getattr(cfg, 'moe_upcycling', None) or {}
+    if prev and (prev['num_local_experts'], prev['num_experts_per_tok']) != (num_experts, top_k):
+        raise ValueError(f"moe: layers {prev['layers']} already have {prev['num_local_experts']} experts, top-"
+                         f"{prev['num_experts_per_tok']}; upcycle more layers with the same numbers")
     mc = mixtral_config(cfg, num_experts, top_k, aux_coef, z_coef)
     g = torch.Generator().manual_seed(seed)
     before = count_params(model)
     ref = None if probe_ids is None else _probe_logits(model, probe_ids)
     blocks = {i: upcycle_mlp(dec[i].mlp, mc, noise, g) for i in idx}  # all checked before any swap
     for i, b in blocks.items(): dec[i].mlp = b
-    prev = getattr(cfg, 'moe_upcycling', None) or {}
     cfg.moe_upcycling = dict(layers=sorted(set(prev.get('layers', [])) | set(idx)), num_local_experts=num_experts,
                              num_experts_per_tok=top_k, aux_coef=aux_coef, z_coef=z_coef, noise=noise, seed=seed)
     install_router_losses(model, num_experts, top_k, aux_coef, z_coef, add_aux=True)
@@ -165,7 +168,8 @@ def apply_moe(model, # a Mistral/Llama-family causal LM with full-precision weig
         details={'experts x top-k': f"{num_experts} x {top_k}", 'layers upcycled': f"{len(idx)} of {n}",
                  'active parameters / token': f"{active:,}", 'router init': f"normal(0, {mc.initializer_range}), seed {seed}",
                  'loss coefficients': f"aux {aux_coef}, z {z_coef}"},
-        notes=(['every layer upcycled: `to_mixtral(model)` gives the standard MixtralForCausalLM'] if len(idx) == n and not prev
+        notes=(['every layer upcycled: `to_mixtral(model)` gives the standard MixtralForCausalLM']
+               if len(cfg.moe_upcycling['layers']) == n
                else ['some layers stay dense: save with `save_pretrained`, load with `load_moe`']))
 
 # %% ../../nbs/10b_patches_moe.ipynb #46d2fff8
