@@ -1,0 +1,144 @@
+"run(cfg): the DPO reference, kill-and-resume, the run folder, and bad input caught before training (micro model)."
+import json, math, os, signal, subprocess, sys, time, textwrap
+from pathlib import Path
+import pytest
+from typhoon_nb.config import RunConfig, ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+def micro_cfg(tmp_path, stages, **kw):
+    base = dict(model='micro-typhoon', quantization='none', precision='fp32', output_dir=str(tmp_path / 'runs'),
+                run_name='r', lora_r=8, lora_alpha=16.0, lora_dropout=0.0, prefix_tokens=4, warmup_ratio=0.0)
+    return RunConfig.from_dict(base | kw | {'stages': stages})
+
+SFT = dict(kind='sft', data='demo:sft', lr=5e-3, max_steps=6, batch_size=8, max_length=64, save_steps=0, eval_samples=8)
+DPO = dict(kind='dpo', data='demo:dpo', lr=1e-3, max_steps=2, batch_size=4, max_length=64, save_steps=0, eval_samples=8)
+
+def stage_logs(run_dir, stage):
+    return [json.loads(l) for l in (Path(run_dir) / 'metrics.jsonl').read_text().splitlines() if json.loads(l)['stage'] == stage]
+
+# --- the DPO reference ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize('method', ['lora', 'both'])
+def test_dpo_step0_loss_is_ln2_with_the_sft_reference(tmp_path, method):
+    from typhoon_nb.stages import run
+    cfg = micro_cfg(tmp_path, [SFT, DPO | {'overrides': {}}], peft_method=method, run_name=f'ref-{method}')
+    cfg.stages[1].reference = 'sft'
+    res = run(cfg, progress=False, verbose=False)
+    first = [r for r in stage_logs(res.run_dir, 'dpo') if 'loss' in r][0]
+    assert first['step'] == 1
+    assert abs(first['loss'] - math.log(2)) < 1e-3, first
+    assert abs(first['rewards/margins']) < 1e-4, first
+
+def test_dpo_with_base_reference_starts_elsewhere(tmp_path):
+    "Negative control: after SFT, an adapter-disabled (base) reference does not start DPO at ln 2."
+    from typhoon_nb.stages import run
+    cfg = micro_cfg(tmp_path, [SFT, DPO | {'reference': 'base'}], run_name='base-ref')
+    res = run(cfg, progress=False, verbose=False)
+    first = [r for r in stage_logs(res.run_dir, 'dpo') if 'loss' in r][0]
+    assert abs(first['loss'] - math.log(2)) > 1e-3, first
+
+# --- the run folder ---------------------------------------------------------------------------------------------
+def test_run_folder_is_complete(tmp_path):
+    from typhoon_nb.stages import run
+    pre = dict(kind='pretrain', data='demo:pretrain', lr=5e-3, max_steps=3, batch_size=4, max_length=64, save_steps=0, eval_samples=8)
+    cfg = micro_cfg(tmp_path, [pre, SFT | {'max_steps': 2}, DPO | {'max_steps': 1}])
+    res = run(cfg, progress=False, verbose=False)
+    rd = Path(res.run_dir)
+    for p in ['config.yaml', 'manifest.json', 'metrics.jsonl', 'summary.json', 'stages/0-pretrain/adapter',
+              'stages/1-sft/adapter', 'stages/2-dpo/adapter', 'final', 'plots/loss.png']:
+        assert (rd / p).exists(), p
+    man = json.loads((rd / 'manifest.json').read_text())
+    assert man['status'] == 'done' and man['seed'] == cfg.seed
+    assert {'torch', 'transformers', 'peft', 'trl'} <= set(man['versions'])
+    assert all(man['stages'][s]['status'] == 'done' for s in ('pretrain', 'sft', 'dpo'))
+    assert len(man['data']['sft']['sha256']) == 16
+    summ = json.loads((rd / 'summary.json').read_text())
+    assert summ['status'] == 'done'
+    assert {'perplexity_before', 'perplexity_after', 'tokens', 'wall_s', 'status'} <= set(summ['stages']['pretrain'])
+    assert {'exact_match_before', 'exact_match_after', 'style_rate_before', 'style_rate_after'} <= set(summ['stages']['sft'])
+    assert {'preference_accuracy_before', 'preference_accuracy_after'} <= set(summ['stages']['dpo'])
+    assert summ['stages']['pretrain']['tokens'] > 0
+    assert RunConfig.from_yaml(rd / 'config.yaml') == cfg.__class__.from_dict(cfg.to_dict() | {'run_name': 'r'})
+
+# --- bad input: a clear error before any training ----------------------------------------------------------------
+def _no_training(tmp_path):
+    rd = tmp_path / 'runs' / 'r'
+    return not (rd / 'metrics.jsonl').exists() and not list(rd.glob('stages/*/checkpoints/checkpoint-*'))
+
+def test_stage_without_data_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r'stages\[0\]\.data: every stage needs data'):
+        micro_cfg(tmp_path, [{'kind': 'sft'}])
+
+def test_dpo_before_sft_with_sft_reference(tmp_path):
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.reference: 'sft' needs an SFT stage before"):
+        micro_cfg(tmp_path, [DPO])
+
+def test_wrong_schema_for_the_stage(tmp_path):
+    from typhoon_nb.stages import run
+    f = tmp_path / 'pre.jsonl'
+    f.write_text('\n'.join(json.dumps({'text': f'ข้อความ {i}'}) for i in range(5)) + '\n', encoding='utf-8')
+    cfg = micro_cfg(tmp_path, [SFT | {'data': str(f)}])
+    with pytest.raises(Exception) as e: run(cfg, progress=False, verbose=False)
+    assert 'pre.jsonl' in str(e.value) and 'line 1' in str(e.value), str(e.value)
+    assert _no_training(tmp_path)
+
+def test_every_record_rejected(tmp_path):
+    from typhoon_nb.stages import run
+    f = tmp_path / 'sft.jsonl'
+    f.write_text('\n'.join(json.dumps({'prompt': 'ถาม', 'completion': ''}) for _ in range(4)) + '\n', encoding='utf-8')
+    cfg = micro_cfg(tmp_path, [SFT | {'data': str(f), 'on_bad_record': 'skip'}])
+    with pytest.raises(Exception, match='no usable training records'): run(cfg, progress=False, verbose=False)
+    assert _no_training(tmp_path)
+
+def test_resume_from_a_folder_that_is_not_a_run(tmp_path):
+    from typhoon_nb.stages import run, RunError
+    (tmp_path / 'notarun').mkdir()
+    with pytest.raises(RunError, match='is not a run folder'):
+        run(micro_cfg(tmp_path, [SFT], resume=str(tmp_path / 'notarun')), progress=False, verbose=False)
+
+def test_existing_run_folder_is_not_overwritten(tmp_path):
+    from typhoon_nb.stages import run, RunError
+    (tmp_path / 'runs' / 'r').mkdir(parents=True); (tmp_path / 'runs' / 'r' / 'keep.txt').write_text('x')
+    with pytest.raises(RunError, match='exists: set overwrite: true'):
+        run(micro_cfg(tmp_path, [SFT]), progress=False, verbose=False)
+    assert (tmp_path / 'runs' / 'r' / 'keep.txt').read_text() == 'x'
+
+# --- kill and resume -------------------------------------------------------------------------------------------------
+SCRIPT = textwrap.dedent('''
+    import sys, json
+    from typhoon_nb.config import RunConfig
+    from typhoon_nb.stages import run
+    cfg = RunConfig.from_yaml(sys.argv[1])
+    if len(sys.argv) > 2: cfg = RunConfig.from_dict(cfg.to_dict() | {'resume': sys.argv[2]})
+    run(cfg, progress=False, verbose=False)
+''')
+
+def _cfg_file(tmp_path, name):
+    sft = SFT | {'max_steps': 16, 'save_steps': 2, 'lr': 2e-3}
+    cfg = micro_cfg(tmp_path, [sft, DPO | {'max_steps': 4, 'save_steps': 2}], run_name=name)
+    p = tmp_path / f'{name}.yaml'; cfg.to_yaml(p); return p
+
+def test_kill_and_resume_matches_uninterrupted(tmp_path):
+    env = dict(os.environ, PYTHONHASHSEED='0')
+    (tmp_path / 'job.py').write_text(SCRIPT)
+    subprocess.run([sys.executable, str(tmp_path / 'job.py'), str(_cfg_file(tmp_path, 'full'))], check=True, env=env, timeout=600)
+    full = json.loads((tmp_path / 'runs' / 'full' / 'summary.json').read_text())
+    # the same job, killed once a mid-SFT checkpoint is complete
+    p = subprocess.Popen([sys.executable, str(tmp_path / 'job.py'), str(_cfg_file(tmp_path, 'killed'))], env=env)
+    ck = tmp_path / 'runs' / 'killed' / 'stages' / '0-sft' / 'checkpoints' / 'checkpoint-6' / 'COMPLETE'
+    t0 = time.time()
+    while not ck.exists() and p.poll() is None and time.time() - t0 < 300: time.sleep(0.05)
+    assert p.poll() is None, 'the job ended before it could be killed'
+    p.send_signal(signal.SIGKILL); p.wait()
+    man = json.loads((tmp_path / 'runs' / 'killed' / 'manifest.json').read_text())
+    assert man['status'] == 'running'  # killed: nobody marked it
+    subprocess.run([sys.executable, str(tmp_path / 'job.py'), str(_cfg_file(tmp_path, 'killed')), str(tmp_path / 'runs' / 'killed')],
+                   check=True, env=env, timeout=600)
+    resumed = json.loads((tmp_path / 'runs' / 'killed' / 'summary.json').read_text())
+    assert resumed['status'] == 'done'
+    for st in ('sft', 'dpo'):
+        for k, v in full['stages'][st].items():
+            if k.endswith(('_before', '_after')): assert v == pytest.approx(resumed['stages'][st][k], abs=1e-4), (st, k)
+        assert resumed['stages'][st]['steps'] == full['stages'][st]['steps']
+    losses = lambda n: [r['loss'] for r in stage_logs(tmp_path / 'runs' / n, 'dpo') if 'loss' in r]
+    assert losses('killed')[-len(losses('full')):] == pytest.approx(losses('full'), abs=1e-4)
