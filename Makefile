@@ -30,7 +30,7 @@ install-dev: $(VENV)/.installed-dev
 
 ## The main job on the embedded default
 demo: install
-	$(BIN)/python -c "from typhoon_nb.config import RunConfig; print(RunConfig().validate().to_yaml())"
+	$(BIN)/typhoon-nb demo
 
 ## Everything CI checks
 test: install-dev sync-check nbtest pytest
