@@ -142,3 +142,35 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
         assert resumed['stages'][st]['steps'] == full['stages'][st]['steps']
     losses = lambda n: [r['loss'] for r in stage_logs(tmp_path / 'runs' / n, 'dpo') if 'loss' in r]
     assert losses('killed')[-len(losses('full')):] == pytest.approx(losses('full'), abs=1e-4)
+
+# --- patches inside run(cfg) ------------------------------------------------------------------------------------
+def test_llama3_patches_run_through_the_stages(tmp_path):
+    "use_llama3 (GQA + MoE) on a 4-bit base: patched before quantizing, a Mixtral model trains with LoRA."
+    from typhoon_nb.stages import run
+    cfg = micro_cfg(tmp_path, [SFT | {'max_steps': 2, 'eval_samples': 0}], use_llama3=True, moe_experts=4,
+                    quantization='4bit', precision='auto')
+    res = run(cfg, progress=False, verbose=False)
+    man = json.loads((Path(res.run_dir) / 'manifest.json').read_text())
+    assert res.status == 'done'
+    assert [p.splitlines()[0] for p in man['patches']] == ['patch gqa', 'patch moe'], man['patches']
+    assert 'MixtralForCausalLM' in man['load'] or 'mixtral' in man['load'].lower()
+
+def test_rwkv_inserts_attention_transfer(tmp_path):
+    from typhoon_nb.stages import run
+    cfg = micro_cfg(tmp_path, [SFT | {'max_steps': 2, 'eval_samples': 0}], use_rwkv=True, rwkv_transfer_steps=30)
+    res = run(cfg, progress=False, verbose=False)
+    at = json.loads((Path(res.run_dir) / 'manifest.json').read_text())['attention_transfer']
+    assert at['mse_after'] < at['mse_before'] / 2, at
+
+def test_train_embeddings_in_pretrain_only(tmp_path):
+    "Embeddings and LM head train in the stage that asks (their change is saved with its adapter) and stay fixed after."
+    from safetensors.torch import load_file
+    from typhoon_nb.stages import run
+    pre = dict(kind='pretrain', data='demo:pretrain', lr=5e-3, max_steps=3, batch_size=4, max_length=64, save_steps=0,
+               eval_samples=0, train_embeddings=True)
+    res = run(micro_cfg(tmp_path, [pre, SFT | {'max_steps': 2, 'eval_samples': 0}]), progress=False, verbose=False)
+    sd = lambda s: {k: v for k, v in load_file(str(Path(res.run_dir) / 'stages' / s / 'adapter' / 'adapter_model.safetensors')).items()
+                    if 'embed_tokens' in k or 'lm_head' in k}
+    a, b = sd('0-pretrain'), sd('1-sft')
+    assert a and set(a) == set(b)
+    assert all((a[k] - b[k]).abs().max() == 0 for k in a)  # frozen in SFT

@@ -331,7 +331,7 @@ def make_report(model, cfg:RunConfig, source, dtype, reason, notes=(), patches=(
 
 # %% ../nbs/02_loader.ipynb #6d0f8723
 def load_model(cfg:RunConfig, # model, precision, quantization, trust_remote_code, allow_pickle are read
-               patch_fn:Callable|None=None, # patch_fn(model) -> list[PatchReport], applied on full-precision weights
+               patch_fn:Callable|None=None, # patch_fn(model) -> list[PatchReport] or (model, list[PatchReport]), on full-precision weights
                device:str|None=None): # cuda | cpu; None: cuda where available
     "Load `cfg.model` as (model, tokenizer, LoadReport)."
     import torch
@@ -356,7 +356,11 @@ def load_model(cfg:RunConfig, # model, precision, quantization, trust_remote_cod
     if len(tok) > model.get_input_embeddings().weight.shape[0]: model.resize_token_embeddings(len(tok))
     model.config.pad_token_id = tok.pad_token_id
     if getattr(model, 'generation_config', None) is not None: model.generation_config.pad_token_id = tok.pad_token_id
-    patches = list(patch_fn(model) or []) if patch_fn is not None else []
+    patches = []
+    if patch_fn is not None:  # patch_fn(model) -> reports (in place), or (new_model, reports)
+        out = patch_fn(model)
+        if isinstance(out, tuple): model, patches = out[0], list(out[1] or [])
+        else: patches = list(out or [])
     if bnb_config is not None and not direct: quantize_in_place(model, bnb_config, dev)
     model.eval()
     rep = make_report(model, cfg, folder, dtype, reason, tok.typhoon_notes, patches, time.time() - t0)
