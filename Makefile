@@ -10,7 +10,7 @@ PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 # nbdev_test workers; notebooks train small models, two at once suit two cores
 NB_WORKERS ?= 2
 
-.PHONY: demo test install install-dev sync-check nbtest pytest readme clean-nbs
+.PHONY: demo test install install-dev sync-check nbtest pytest readme docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -53,3 +53,7 @@ pytest: install-dev
 
 readme: install-dev
 	$(BIN)/python -c "from typhoon_nb.docs import make_readme; make_readme()"
+
+## The offline docs site in _docs/ (no Quarto needed); fails on any warning
+docs: install-dev
+	$(BIN)/python -c "import sys; from typhoon_nb.site import main; sys.exit(main())"

@@ -240,8 +240,6 @@ worker(sys.argv[1])
 
 from typhoon_nb.jobs import JobFailed
 
-@pytest.mark.xfail(raises=JobFailed, strict=False,
-                   reason='run(cfg) is not rank-aware yet: every rank prepares the run folder, so rank 1 stops with "run folder exists"')
 def test_two_processes_train_in_sync_and_save_one_adapter(tmp_path, monkeypatch):
     from typhoon_nb.jobs import launch
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
