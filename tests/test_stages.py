@@ -174,3 +174,11 @@ def test_train_embeddings_in_pretrain_only(tmp_path):
     a, b = sd('0-pretrain'), sd('1-sft')
     assert a and set(a) == set(b)
     assert all((a[k] - b[k]).abs().max() == 0 for k in a)  # frozen in SFT
+
+def test_train_embeddings_with_prefix_is_reported_not_silent(tmp_path):
+    from typhoon_nb.stages import run
+    pre = dict(kind='pretrain', data='demo:pretrain', lr=5e-3, max_steps=2, batch_size=4, max_length=64, save_steps=0,
+               eval_samples=0, train_embeddings=True)
+    res = run(micro_cfg(tmp_path, [pre], peft_method='prefix'), progress=False, verbose=False)
+    notes = json.loads((Path(res.run_dir) / 'manifest.json').read_text())['notes']
+    assert notes == ['train_embeddings is ignored with peft_method prefix: prefix tuning keeps the embeddings and LM head frozen']

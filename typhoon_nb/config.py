@@ -40,7 +40,7 @@ class StageConfig:
     max_length: int = 256  # tokens per sequence (block size when packing)
     beta: float = 0.1  # DPO temperature (dpo only)
     reference: str = 'sft'  # DPO reference: sft (frozen copy of the SFT policy) | entering (frozen copy of what enters) | base (adapter off)
-    train_embeddings: bool = False  # also train input embeddings and LM head (pretrain; needs a full-precision base or LoRA modules_to_save)
+    train_embeddings: bool = False  # also train input embeddings and LM head (with lora or full; prefix / both keep them frozen, and the run says so)
     columns: dict = field(default_factory=dict)  # column mapping, e.g. {question: prompt, good: chosen, bad: rejected}
     on_bad_record: str = 'error'  # error | skip (skip writes a rejects file and reports counts)
     save_steps: int = 50  # checkpoint every N optimizer steps (0: only at the end)
@@ -313,8 +313,6 @@ def validate_dict(d, parse_strings:bool=False) -> tuple[list[str], dict]:
                 if s.get('kind', 'sft') == 'sft': seen_sft = True
                 if s.get('kind') == 'dpo' and s.get('reference', 'sft') == 'sft' and not seen_sft:
                     p.append(f"stages[{i}].reference: 'sft' needs an SFT stage before this DPO stage (add one, or set reference: entering)")
-                if s.get('train_embeddings') and m.get('peft_method') in ('prefix', 'both'):
-                    p.append(f"stages[{i}].train_embeddings: needs peft_method lora or full (prefix tuning keeps the model frozen), got {m['peft_method']}")
     return problems, out
 
 # %% ../nbs/00_config.ipynb #f59e48f2

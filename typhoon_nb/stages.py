@@ -332,6 +332,10 @@ def _eval(kind, model, tokenizer, sd, stage, **kw):
 
 def _numbers(d): return {k: v for k, v in d.items() if isinstance(v, (int, float))}
 
+def _embeddings_train(cfg) -> bool:
+    "Whether some stage trains the embeddings and LM head (possible with lora and full; prefix tuning keeps them frozen)."
+    return any(s.train_embeddings for s in cfg.stages) and cfg.peft_method in ('lora', 'full')
+
 def _load(cfg, done_adapter:Optional[Path]):
     "Model + tokenizer (+ patches) and the adapter: fresh, or restored from a finished stage's adapter."
     from .loader import load_model
@@ -341,7 +345,7 @@ def _load(cfg, done_adapter:Optional[Path]):
     model, tokenizer, load_report = load_model(cfg, patch_fn=patch_fn)
     if done_adapter is not None: model = load_adapter(model, done_adapter, is_trainable=True); adapter_report = None
     elif cfg.peft_method == 'full': adapter_report = None
-    else: model, adapter_report = apply_peft(model, cfg, train_embeddings=any(s.train_embeddings for s in cfg.stages))
+    else: model, adapter_report = apply_peft(model, cfg, train_embeddings=_embeddings_train(cfg))
     return model, tokenizer, load_report, adapter_report
 
 # %% ../nbs/06_stages.ipynb #50f660fb
@@ -407,6 +411,10 @@ def run(cfg:RunConfig, progress:bool=True, listener:Optional[Callable]=None, sto
         model, tokenizer, load_report, adapter_report = _load(cfg, last_done)
         manifest['load'] = str(load_report)
         manifest['patches'] = [str(p) for p in load_report.patches]
+        if any(s.train_embeddings for s in cfg.stages) and not _embeddings_train(cfg):
+            manifest.setdefault('notes', []).append(f"train_embeddings is ignored with peft_method {cfg.peft_method}: "
+                                                    "prefix tuning keeps the embeddings and LM head frozen")
+            say('note: ' + manifest['notes'][-1])
         if cfg.use_rwkv and last_done is None and cfg.rwkv_transfer_steps > 0:
             manifest['attention_transfer'] = attention_transfer_stage(cfg, model, tokenizer, datas[0])
             say(f"attention transfer: output MSE {manifest['attention_transfer']['mse_before']:.3g} -> {manifest['attention_transfer']['mse_after']:.3g}")
@@ -422,7 +430,7 @@ def run(cfg:RunConfig, progress:bool=True, listener:Optional[Callable]=None, sto
             barrier()
             save_manifest()
             say(f"[{i}] {stage.stage_name} ({stage.kind}): {len(sd.train)} records, before: {r.before}")
-            if any(s.train_embeddings for s in cfg.stages) and cfg.peft_method != 'full':
+            if _embeddings_train(cfg) and cfg.peft_method != 'full':
                 from .adapters import set_embedding_training
                 set_embedding_training(model, stage.train_embeddings)
             stop = StopControl(stop_event)
