@@ -101,7 +101,9 @@ def test_build_flags_missing_pages(tmp_path):
 def test_main_exit_status(tmp_path):
     from typhoon_nb.site import main
     nbs = tmp_path / 'nbs'; nbs.mkdir()
-    shutil.copy(NBS / 'index.ipynb', nbs / 'index.ipynb')
+    import nbformat
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell('# Home\n\n> A one-page site.')])
+    nbformat.write(nb, nbs / 'index.ipynb')
     (nbs / 'sidebar.yml').write_text("website:\n  sidebar:\n    contents: [index.ipynb]\n")
     assert main([str(nbs), str(tmp_path / 'ok')]) == 0
     (nbs / 'sidebar.yml').write_text("website:\n  sidebar:\n    contents: [index.ipynb, missing.ipynb]\n")

@@ -18,7 +18,7 @@ def stage_logs(run_dir, stage):
     return [json.loads(l) for l in (Path(run_dir) / 'metrics.jsonl').read_text().splitlines() if json.loads(l)['stage'] == stage]
 
 # --- the DPO reference ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize('method', ['lora', 'both'])
+@pytest.mark.parametrize('method', ['lora', 'prefix', 'both'])
 def test_dpo_step0_loss_is_ln2_with_the_sft_reference(tmp_path, method):
     from typhoon_nb.stages import run
     cfg = micro_cfg(tmp_path, [SFT, DPO | {'overrides': {}}], peft_method=method, run_name=f'ref-{method}')
@@ -87,7 +87,8 @@ def test_every_record_rejected(tmp_path):
     f = tmp_path / 'sft.jsonl'
     f.write_text('\n'.join(json.dumps({'prompt': 'ถาม', 'completion': ''}) for _ in range(4)) + '\n', encoding='utf-8')
     cfg = micro_cfg(tmp_path, [SFT | {'data': str(f), 'on_bad_record': 'skip'}])
-    with pytest.raises(Exception, match='no usable training records'): run(cfg, progress=False, verbose=False)
+    with pytest.raises(Exception, match=r"none of the 4 records is usable[\s\S]*line 1: field 'completion': empty text"):
+        run(cfg, progress=False, verbose=False)
     assert _no_training(tmp_path)
 
 def test_resume_from_a_folder_that_is_not_a_run(tmp_path):

@@ -271,8 +271,8 @@ def build_trainer(cfg, stage, model, tokenizer, train_ds, out_dir, callbacks=(),
                           optimizers=(opt, None), callbacks=list(callbacks))
     from trl import DPOConfig, DPOTrainer
     args = DPOConfig(**_only(DPOConfig, kw))
-    tr = DPOTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
-                    optimizers=(opt, None), callbacks=list(callbacks))
+    tr = DPOTrainer(model=model, ref_model=_dpo_ref_model(model, stage), args=args, train_dataset=train_ds,
+                    processing_class=tokenizer, optimizers=(opt, None), callbacks=list(callbacks))
     _set_dpo_reference(tr, stage)
     return tr
 
@@ -281,22 +281,48 @@ def _is_lora_only(model) -> bool:
     from peft import PeftModel, LoraConfig
     return isinstance(model, PeftModel) and all(isinstance(c, LoraConfig) for c in model.peft_config.values())
 
+def _policy_copy(model):
+    "A frozen copy of a prefix / LoRA+prefix policy as it enters DPO."
+    from .adapters import frozen_reference
+    return frozen_reference(model)
+
+def _install_ref_forward(ref):
+    """Let a frozen PEFT copy answer TRL's reference call (`fused_lm_head=True` -> per-token log-probs) through its own
+    forward, so the prefix is applied; plain calls (evaluation) still return logits."""
+    import types, torch
+    orig = type(ref).forward
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kw):
+        if not fused_lm_head: return orig(self, *args, **({'labels': labels} if labels is not None else {}), **kw)
+        kw['use_cache'] = False
+        logits = orig(self, *args, **kw).logits.float()
+        if shift_labels is None: logits, lab = logits[:, -labels.size(1):][:, :-1], labels[:, 1:]  # position t predicts t+1
+        else: logits, lab = logits[:, -shift_labels.size(1):], shift_labels
+        lp = torch.log_softmax(logits, -1).gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (lab != -100)
+        return types.SimpleNamespace(log_probs=lp, loss=None)
+    ref.forward = types.MethodType(forward, ref)
+    return ref
+
+def _dpo_ref_model(model, stage):
+    "The `ref_model` to give TRL: None where TRL's own reference is right (LoRA: a frozen copy of the adapter), else a frozen copy."
+    from peft import PeftModel
+    if not isinstance(model, PeftModel) or _is_lora_only(model): return None
+    if stage.reference == 'base':
+        raise RunError(f"stages: reference: base is supported with peft_method lora or full; use reference: sft with prefix tuning")
+    return _policy_copy(model)
+
 def _set_dpo_reference(trainer, stage):
     "Make the trainer's reference the model as it enters DPO (or the base, when the stage asks for it)."
     from peft import PeftModel
     model = trainer.model
     if not isinstance(model, PeftModel):
         return  # full fine-tuning: TRL keeps a frozen copy of the entering model itself
+    if getattr(trainer, 'ref_model', None) is not None:
+        _install_ref_forward(trainer.ref_model)  # prefix / both: our frozen copy (TRL patched its forward for a plain model)
+        return
     if stage.reference == 'base':
-        if 'ref' in model.peft_config: model.delete_adapter('ref')
-        model.set_adapter('default') if hasattr(model, 'set_adapter') else None
+        if 'ref' in model.peft_config: model.delete_adapter('ref')  # TRL then disables the adapter: the base model
         return
-    if _is_lora_only(model):
-        assert 'ref' in model.peft_config, 'TRL did not create the frozen reference adapter'
-        return
-    from .adapters import frozen_reference
-    if 'ref' in model.peft_config: model.delete_adapter('ref')
-    trainer.ref_model = frozen_reference(model)
+    assert 'ref' in model.peft_config, 'TRL did not create the frozen reference adapter'
 
 def dpo_reference_context(trainer):
     "A context-manager factory that switches a DPO trainer's model to its reference (for evaluation)."
