@@ -381,7 +381,7 @@ SPECIAL_TOKENS = ['<|endoftext|>', '<|pad|>', '<|im_start|>', '<|im_end|>']
 _THAI_ONLY = re.compile(r'^[\u0e01-\u0e4e]+( [\u0e01-\u0e4e]+)*$')  # Thai letters and marks, no Thai digits
 
 def general_thai_text(n_lines:int, seed:int=0) -> list[str]:
-    "`n_lines` lines of general Thai text (no digits, nothing about numbers), the same every call."
+    "`n_lines` lines of general Thai text (no digits, nothing about numbers), the same every call: plain sentences, phrases taken up again later in the line, and short chat exchanges whose reply repeats what was said (so the base learns to copy from its context)."
     from pythainlp.corpus import thai_words, thai_wikipedia_titles, thai_female_names, thai_male_names
     words = sorted(w for w in thai_words() if _THAI_ONLY.match(w) and ' ' not in w)
     titles = sorted(t for t in thai_wikipedia_titles() if _THAI_ONLY.match(t))
@@ -394,7 +394,18 @@ def general_thai_text(n_lines:int, seed:int=0) -> list[str]:
         if rng.random() < 0.3: ws.insert(0, rng.choice(names))
         if rng.random() < 0.3: ws.append(rng.choice(titles))
         return ''.join(ws)
-    return [' '.join(sentence() for _ in range(rng.randint(1, 3))) for _ in range(n_lines)]
+    def line():
+        r = rng.random()
+        if r < 0.3:  # a phrase taken up again later in the line, as real text does with names and terms
+            s = sentence(); return f"{s} {rng.choice(_REPEAT_CUES)} {s}"
+        if r < 0.5:  # a short exchange in the chat format: the reply repeats what was said
+            s = sentence()
+            return f"<|im_start|>user\n{rng.choice(_ECHO_ASKS)} {s}<|im_end|>\n<|im_start|>assistant\n{s}<|im_end|>"
+        return ' '.join(sentence() for _ in range(rng.randint(1, 3)))
+    return [line() for _ in range(n_lines)]
+
+_REPEAT_CUES = ['ย้ำว่า', 'คือ', 'หรือที่เรียกว่า', 'อีกครั้ง']  # "stressed", "that is", "also called", "once more"
+_ECHO_ASKS = ['พูดตาม', 'ทวนคำว่า', 'เขียนซ้ำ']  # "say after me", "repeat the words", "write again"
 
 def _number_text(n:int=1500) -> list[str]:
     "Digits and Thai number words, for the tokenizer only (the base model never trains on them)."
