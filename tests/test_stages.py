@@ -183,3 +183,23 @@ def test_train_embeddings_with_prefix_is_reported_not_silent(tmp_path):
     res = run(micro_cfg(tmp_path, [pre], peft_method='prefix'), progress=False, verbose=False)
     notes = json.loads((Path(res.run_dir) / 'manifest.json').read_text())['notes']
     assert notes == ['train_embeddings is ignored with peft_method prefix: prefix tuning keeps the embeddings and LM head frozen']
+
+def test_non_finite_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tmp_path):
+    "Injected fault: a learning rate that blows the weights up. The stage stops naming the step; the run is marked failed."
+    import torch
+    from safetensors.torch import load_file
+    from typhoon_nb.stages import run, RunError, last_complete_checkpoint
+    cfg = micro_cfg(tmp_path, [SFT | {'lr': 1e12, 'max_steps': 8, 'save_steps': 1, 'eval_samples': 0}], max_grad_norm=0.0)
+    with pytest.raises(RunError, match=r'stage sft: non-finite (loss|grad_norm) \(\S+\) at step (\d+)') as e:
+        run(cfg, progress=False, verbose=False)
+    import re
+    step = int(re.search(r'at step (\d+)', str(e.value)).group(1))
+    rd = tmp_path / 'runs' / 'r'
+    man = json.loads((rd / 'manifest.json').read_text())
+    assert man['status'] == 'failed' and man['stages']['sft']['status'] == 'failed'
+    assert f'at step {step}' in man['stages']['sft']['error']
+    ck = last_complete_checkpoint(rd / 'stages' / '0-sft' / 'checkpoints')
+    assert ck is not None and int(ck.name.split('-')[1]) == step - 1
+    assert not (rd / 'stages' / '0-sft' / 'checkpoints' / f'checkpoint-{step}' / 'COMPLETE').exists()
+    w = load_file(str(ck / 'adapter_model.safetensors'))
+    assert all(torch.isfinite(t).all() for t in w.values())

@@ -14,8 +14,8 @@ from .config import RunConfig, StageConfig, ConfigError, stage_view
 # %% auto #0
 __all__ = ['COMPLETE', 'RunError', 'StageResult', 'RunResult', 'write_json', 'stage_dir', 'prepare_run_dir', 'rank', 'world_size',
            'is_main', 'init_distributed', 'barrier', 'attach_run_dir', 'MetricsLogger', 'CheckpointMarker',
-           'StopControl', 'last_complete_checkpoint', 'build_trainer', 'dpo_reference_context', 'load_all_data',
-           'attention_transfer_stage', 'run', 'read_metrics', 'plot_run', 'demo_checks', 'demo']
+           'StopControl', 'NonFiniteGuard', 'last_complete_checkpoint', 'build_trainer', 'dpo_reference_context',
+           'load_all_data', 'attention_transfer_stage', 'run', 'read_metrics', 'plot_run', 'demo_checks', 'demo']
 
 # %% ../nbs/06_stages.ipynb #97765313
 class RunError(RuntimeError):
@@ -203,6 +203,19 @@ class StopControl(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         if self.event is not None and self.event.is_set():
             control.should_save, control.should_training_stop, self.stopped = True, True, True
+
+class NonFiniteGuard(TrainerCallback):
+    """Stop the stage when the logged loss or gradient norm is not finite (before that step's checkpoint is written,
+    so the last checkpoint on disk is the last good one)."""
+    def __init__(self, stage:str): self.stage = stage
+    def on_log(self, args, state, control, logs=None, **kw):
+        src = state.log_history[-1] if state.log_history else (logs or {})
+        for k in ('loss', 'grad_norm'):
+            v = src.get(k)
+            if isinstance(v, (int, float)) and not math.isfinite(v):
+                ck = last_complete_checkpoint(args.output_dir)
+                raise RunError(f"stage {self.stage}: non-finite {k} ({v}) at step {state.global_step}; training stopped, "
+                               f"last good checkpoint: {ck.name if ck else 'none'} (lower the learning rate, or check the data)")
 
 def _quiet_logs(trainer, progress:bool):
     "Keep the progress bar but print no log dict per step (the numbers go to metrics.jsonl)."
@@ -460,7 +473,8 @@ def run(cfg:RunConfig, progress:bool=True, listener:Optional[Callable]=None, sto
                 from .adapters import set_embedding_training
                 set_embedding_training(model, stage.train_embeddings)
             stop = StopControl(stop_event)
-            cbs = [MetricsLogger(run_dir / 'metrics.jsonl', stage.stage_name, listener), CheckpointMarker(), stop]
+            cbs = [MetricsLogger(run_dir / 'metrics.jsonl', stage.stage_name, listener), NonFiniteGuard(stage.stage_name),
+                   CheckpointMarker(), stop]
             trainer = build_trainer(scfg, stage, model, tokenizer, sd.train, sdir / 'checkpoints', cbs, progress)
             _quiet_logs(trainer, progress)
             ck = last_complete_checkpoint(sdir / 'checkpoints')
