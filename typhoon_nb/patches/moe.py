@@ -15,7 +15,8 @@ from .core import PatchReport, count_params
 
 # %% auto #0
 __all__ = ['mixtral_config', 'upcycle_mlp', 'load_balancing_loss', 'router_z_loss', 'routers', 'RouterLosses',
-           'install_router_losses', 'apply_moe', 'to_mixtral', 'upcycle_to_mixtral', 'load_moe', 'router_load',
+           'install_router_losses', 'RouterStats', 'install_router_stats', 'find_router_stats', 'live_router_stats',
+           'RouterLoadCallback', 'apply_moe', 'to_mixtral', 'upcycle_to_mixtral', 'load_moe', 'router_load',
            'load_entropy', 'moe_lora_kwargs']
 
 # %% ../../nbs/10b_patches_moe.ipynb #5fe6ad50
@@ -115,6 +116,78 @@ def install_router_losses(model, num_experts:int, top_k:int, aux_coef:float, z_c
                                   model.register_forward_hook(rl.post, with_kwargs=True)]
     return rl
 
+# %% ../../nbs/10b_patches_moe.ipynb #7a04b36a
+import re, weakref
+from transformers import TrainerCallback
+
+class RouterStats:
+    "Top-k assignments per expert per upcycled layer, counted over training forward passes."
+    _live = []  # weak references to every RouterStats, oldest first
+
+    def __init__(self, layers:list[int], num_experts:int, top_k:int):
+        self.layers, self.E, self.k = list(layers), num_experts, top_k
+        self.counts = torch.zeros(len(self.layers), num_experts, dtype=torch.long)  # since the last `take`
+        self.total = torch.zeros_like(self.counts)  # since installation
+        self._row, self._hooked = None, weakref.WeakSet()
+        RouterStats._live.append(weakref.ref(self))
+
+    def _pre(self, row, block, args):
+        self._row = row if (block.training and torch.is_grad_enabled()) else None
+        for m in block.gate.modules():  # the router, or PEFT's wrapper around its copies
+            if isinstance(m, MixtralTopKRouter) and m not in self._hooked:
+                m.register_forward_hook(self._grab); self._hooked.add(m)
+
+    def _grab(self, router, args, out):
+        if self._row is None: return
+        c = torch.bincount(out[2].reshape(-1).detach().cpu(), minlength=self.E)
+        self.counts[self._row] += c; self.total[self._row] += c
+        self._row = None  # one count per block call
+
+    def take(self) -> dict:
+        "Counts since the last call, `{'layers', 'counts': (layers, E), 'tokens': per layer}`, and reset."
+        c, self.counts = self.counts.clone(), torch.zeros_like(self.counts)
+        return {'layers': self.layers, 'counts': c.tolist(), 'tokens': (c.sum(-1) // self.k).tolist()}
+
+    def take_record(self) -> dict:
+        "`take()` as flat numbers for a trainer log: counts per layer and expert, tokens and entropy per layer."
+        t, rec = self.take(), {}
+        for l, row, n in zip(t['layers'], t['counts'], t['tokens']):
+            rec |= {f"router_count/L{l}/E{e}": v for e, v in enumerate(row)}
+            rec[f"router_tokens/L{l}"] = n
+            if n: rec[f"router_entropy/L{l}"] = load_entropy(torch.tensor(row, dtype=torch.float) / sum(row)).item()
+        return rec
+
+def install_router_stats(model) -> RouterStats|None:
+    "Count router assignments in the MoE blocks of `model` (as `model.router_stats`); None without MoE blocks."
+    for h in getattr(model, '_router_stat_handles', []): h.remove()
+    blocks = [(int(m_.group(1)), b) for n, b in model.named_modules()
+              if isinstance(b, MixtralSparseMoeBlock) and (m_ := re.search(r'layers\.(\d+)\.mlp$', n))]
+    if not blocks: return None
+    st = RouterStats([l for l, _ in blocks], blocks[0][1].gate.num_experts, blocks[0][1].top_k)
+    model._router_stat_handles = [b.register_forward_pre_hook(lambda mod, a, row=i: st._pre(row, mod, a))
+                                  for i, (_, b) in enumerate(blocks)]
+    model.router_stats = st
+    return st
+
+def find_router_stats(model) -> RouterStats|None:
+    "The `RouterStats` of `model`, also through PEFT or other wrappers."
+    for m in model.modules():
+        if isinstance(getattr(m, 'router_stats', None), RouterStats): return m.router_stats
+    return None
+
+def live_router_stats() -> list[RouterStats]:
+    "Every `RouterStats` whose model is still alive, oldest first (the last is the newest patched model's)."
+    return [s for s in (r() for r in RouterStats._live) if s is not None]
+
+class RouterLoadCallback(TrainerCallback):
+    "Add the router counts since the last log to each trainer log (place it before callbacks that write the logs)."
+    def on_log(self, args, state, control, model=None, logs=None, **kw):
+        st = find_router_stats(model) if model is not None else None
+        if st is None: return
+        rec = st.take_record()
+        if logs is not None: logs.update(rec)
+        if state.log_history: state.log_history[-1].update(rec)
+
 # %% ../../nbs/10b_patches_moe.ipynb #15a3c14f
 def _decoder_layers(model):
     inner = getattr(model, 'model', model)
@@ -161,6 +234,7 @@ def apply_moe(model, # a Mistral/Llama-family causal LM with full-precision weig
     cfg.moe_upcycling = dict(layers=sorted(set(prev.get('layers', [])) | set(idx)), num_local_experts=num_experts,
                              num_experts_per_tok=top_k, aux_coef=aux_coef, z_coef=z_coef, noise=noise, seed=seed)
     install_router_losses(model, num_experts, top_k, aux_coef, z_coef, add_aux=True)
+    install_router_stats(model)
     after = count_params(model)
     active = after - len(idx) * (num_experts - top_k) * _expert_params(mc)
     return PatchReport('moe', modules_replaced=[f"model.layers.{i}.mlp" for i in idx], params_before=before,
@@ -196,6 +270,7 @@ def to_mixtral(model) -> MixtralForCausalLM:
     if mc.tie_word_embeddings: mx.tie_weights()
     mx.train(model.training)
     install_router_losses(mx, info['num_local_experts'], info['num_experts_per_tok'], info['aux_coef'], info['z_coef'], add_aux=False)
+    install_router_stats(mx)
     return mx
 
 def upcycle_to_mixtral(model, num_experts:int=8, top_k:int=2, noise:float=0.0, aux_coef:float=0.01,
@@ -227,6 +302,7 @@ def load_moe(path, # a folder saved by `save_pretrained` from an upcycled model
     if cfg.model_type == 'mixtral':
         m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         if info: install_router_losses(m, info['num_local_experts'], info['num_experts_per_tok'], info['aux_coef'], info['z_coef'], add_aux=False)
+        install_router_stats(m)
         return m
     if not info: raise ValueError(f"load_moe: {path / 'config.json'} has no `moe_upcycling` entry: not an upcycled model")
     for f in ('layers', 'num_local_experts', 'num_experts_per_tok'):
