@@ -12,9 +12,10 @@ from typing import Callable, Optional
 from .config import RunConfig, StageConfig, ConfigError, stage_view
 
 # %% auto #0
-__all__ = ['COMPLETE', 'RunError', 'StageResult', 'RunResult', 'write_json', 'stage_dir', 'prepare_run_dir', 'rank', 'world_size',
-           'is_main', 'init_distributed', 'barrier', 'attach_run_dir', 'MetricsLogger', 'CheckpointMarker',
-           'StopControl', 'NonFiniteGuard', 'last_complete_checkpoint', 'build_trainer', 'dpo_reference_context',
+__all__ = ['COMPLETE', 'STAGING', 'RunError', 'StageResult', 'RunResult', 'write_json', 'stage_dir', 'prepare_run_dir', 'rank',
+           'world_size', 'is_main', 'init_distributed', 'barrier', 'attach_run_dir', 'MetricsLogger', 'StopControl',
+           'NonFiniteGuard', 'checkpoint_files', 'mark_complete', 'verify_checkpoint', 'last_complete_checkpoint',
+           'refuse_pickle_weights', 'atomic_dir', 'atomic_checkpoints', 'build_trainer', 'dpo_reference_context',
            'load_all_data', 'attention_transfer_stage', 'run', 'read_metrics', 'plot_run', 'demo_checks', 'demo']
 
 # %% ../nbs/06_stages.ipynb #97765313
@@ -188,15 +189,6 @@ class MetricsLogger(TrainerCallback):
         with open(self.path, 'a', encoding='utf-8') as f: f.write(json.dumps(rec) + '\n')
         if self.listener: self.listener(rec)
 
-COMPLETE = 'COMPLETE'
-
-class CheckpointMarker(TrainerCallback):
-    "Mark a checkpoint folder complete once the trainer has written it."
-    def on_save(self, args, state, control, **kw):
-        barrier()  # every rank has written its part (RNG state) of the checkpoint
-        ck = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and ck.is_dir(): (ck / COMPLETE).write_text(json.dumps({'step': state.global_step}))
-
 class StopControl(TrainerCallback):
     "Stop after the current step (saving a checkpoint) once `event` is set."
     def __init__(self, event): self.event, self.stopped = event, False
@@ -234,10 +226,126 @@ class _BarOnly(TrainerCallback):
     def on_step_end(self, *a, **k): return self.inner.on_step_end(*a, **k)
     def on_train_end(self, *a, **k): return self.inner.on_train_end(*a, **k)
 
+# %% ../nbs/06_stages.ipynb #b3f41c2e
+COMPLETE = 'COMPLETE'
+STAGING = '.staging'
+
+def checkpoint_files(folder) -> dict:
+    "Relative path -> size in bytes of every file under `folder` (the COMPLETE marker excluded)."
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob('*')) if p.is_file() and p.name != COMPLETE}
+
+def _fsync_tree(folder):
+    "Flush every file under `folder`, and the folders, to disk."
+    for p in [*Path(folder).rglob('*'), Path(folder)]:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+            try: os.fsync(fd)
+            finally: os.close(fd)
+        except OSError: pass
+
+def mark_complete(folder, **info):
+    "Write the COMPLETE marker of `folder`: its files and their sizes (plus `info`)."
+    folder = Path(folder)
+    (folder / COMPLETE).write_text(json.dumps(info | {'files': checkpoint_files(folder)}, indent=1), encoding='utf-8')
+
+def verify_checkpoint(folder) -> Optional[str]:
+    "None when `folder` carries a COMPLETE marker that matches the files on disk; otherwise why not."
+    folder = Path(folder); m = folder / COMPLETE
+    if not m.is_file(): return 'no COMPLETE marker'
+    try: want = json.loads(m.read_text(encoding='utf-8'))['files']; assert isinstance(want, dict)
+    except Exception: return 'unreadable COMPLETE marker'
+    have = checkpoint_files(folder)
+    missing = [f for f in want if f not in have]
+    if missing: return f"missing {', '.join(missing[:3])}"
+    other = [f for f in want if have[f] != want[f]]
+    if other: return f"{other[0]}: {have[other[0]]} bytes, the marker says {want[other[0]]}"
+    return None
+
+def _step(p) -> int: return int(p.name.split('-')[-1])
+
 def last_complete_checkpoint(folder) -> Optional[Path]:
-    "The newest `checkpoint-N` in `folder` that carries the COMPLETE marker (None when there is none)."
-    cks = [p for p in Path(folder).glob('checkpoint-*') if (p / COMPLETE).is_file() and p.name.split('-')[-1].isdigit()]
-    return max(cks, key=lambda p: int(p.name.split('-')[-1])) if cks else None
+    "The newest `checkpoint-N` in `folder` whose COMPLETE marker matches its files (None when there is none)."
+    cks = [p for p in Path(folder).glob('checkpoint-*') if p.is_dir() and p.name.split('-')[-1].isdigit()]
+    for p in sorted(cks, key=_step, reverse=True):
+        if verify_checkpoint(p) is None: return p
+    return None
+
+_TRAINER_STATE = {'training_args.bin'}  # written by transformers, never loaded back
+
+def refuse_pickle_weights(folder, allow_pickle:bool=False, what:str='checkpoint'):
+    "Raise `RunError` when `folder`'s model weights are pickle files only (`*.bin`, no safetensors), unless allowed."
+    folder = Path(folder)
+    bins = sorted(p.name for p in folder.rglob('*.bin') if p.name not in _TRAINER_STATE)
+    if bins and not list(folder.rglob('*.safetensors')) and not allow_pickle:
+        raise RunError(f"{what} {folder}: only pickle weights ({', '.join(bins[:3])}) found; loading pickle can run "
+                       f"arbitrary code. Convert them to safetensors, or set allow_pickle: true if you trust the source")
+
+@contextlib.contextmanager
+def atomic_dir(target, what:str='folder'):
+    "Yield a temporary folder next to `target`; on success it replaces `target` in one rename, on failure it is removed."
+    target = Path(target); tmp = target.with_name(f'.tmp-{target.name}')
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        _fsync_tree(tmp)
+        old = target.with_name(f'.old-{target.name}')
+        if target.exists(): shutil.rmtree(old, ignore_errors=True); os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, RunError): raise
+        raise RunError(f"could not write the {what} {target}: {_why(e)}; nothing was replaced") from e
+
+def _why(e) -> str:
+    import errno
+    code = getattr(e, 'errno', None)
+    if code is None:  # torch and safetensors report write failures as RuntimeError / SafetensorError with the OS text
+        txt = str(e)
+        code = errno.ENOSPC if ('No space left' in txt or 'os error 28' in txt or 'StorageFull' in txt) else \
+               errno.EROFS if ('Read-only file system' in txt or 'os error 30' in txt) else None
+    hint = {errno.ENOSPC: 'no space left on the device', errno.EDQUOT: 'disk quota exceeded', errno.EACCES: 'permission denied',
+            errno.EROFS: 'read-only file system', errno.EPERM: 'operation not permitted'}.get(code)
+    return f"{hint} ({type(e).__name__}: {e})" if hint else f"{type(e).__name__}: {e}"
+
+# %% ../nbs/06_stages.ipynb #e1d9b7a4
+def atomic_checkpoints(trainer, stage:str=''):
+    "Make `trainer` write each checkpoint into `.staging`, mark it COMPLETE and rename it into place; a failed save raises `RunError`."
+    save = trainer._save_checkpoint  # transformers' own saving, unchanged: only the folder it writes into moves
+    def _save_checkpoint(model, trial=None):
+        out, step = Path(trainer.args.output_dir), trainer.state.global_step
+        staging, final = out / STAGING, out / f'checkpoint-{step}'
+        if is_main():
+            shutil.rmtree(staging / final.name, ignore_errors=True)  # a leftover of a kill
+        barrier()
+        trainer._get_output_dir = lambda trial=None: str(staging)
+        try:
+            save(model, trial)
+            barrier()  # every rank has written its part (RNG state)
+            if is_main():
+                tmp = staging / final.name
+                _fsync_tree(tmp)
+                mark_complete(tmp, step=step, stage=stage)
+                _fsync_tree(tmp)
+                if final.exists(): shutil.rmtree(final)  # the same step saved again (a stop right after a save)
+                os.rename(tmp, final)
+                _fsync_tree(out)
+        except Exception as e:
+            shutil.rmtree(staging / final.name, ignore_errors=True)
+            prev = last_complete_checkpoint(out)
+            keep = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
+            raise RunError(f"stage {stage}: could not write checkpoint-{step} to {out}: {_why(e)}; {keep}. "
+                           f"Free space or fix the folder's permissions, then resume the run") from e
+        finally:
+            trainer.__dict__.pop('_get_output_dir', None)
+        barrier()
+        if trainer.args.save_total_limit and is_main():
+            from transformers.trainer_utils import rotate_checkpoints
+            rotate_checkpoints(output_dir=str(out), save_total_limit=trainer.args.save_total_limit, use_mtime=True)
+    trainer._save_checkpoint = _save_checkpoint
+    return trainer
 
 # %% ../nbs/06_stages.ipynb #e291405e
 def _precision_flags(model) -> dict:
@@ -382,7 +490,9 @@ def _load(cfg, done_adapter:Optional[Path]):
     from .patches.core import patch_model, patches_requested
     patch_fn = (lambda m: patch_model(m, cfg)) if patches_requested(cfg) else None
     model, tokenizer, load_report = load_model(cfg, patch_fn=patch_fn)
-    if done_adapter is not None: model = load_adapter(model, done_adapter, is_trainable=True); adapter_report = None
+    if done_adapter is not None:
+        refuse_pickle_weights(done_adapter, cfg.allow_pickle, 'adapter')
+        model = load_adapter(model, done_adapter, is_trainable=True); adapter_report = None
     elif cfg.peft_method == 'full': adapter_report = None
     else: model, adapter_report = apply_peft(model, cfg, train_embeddings=_embeddings_train(cfg))
     return model, tokenizer, load_report, adapter_report
@@ -473,11 +583,16 @@ def run(cfg:RunConfig, progress:bool=True, listener:Optional[Callable]=None, sto
                 from .adapters import set_embedding_training
                 set_embedding_training(model, stage.train_embeddings)
             stop = StopControl(stop_event)
-            cbs = [MetricsLogger(run_dir / 'metrics.jsonl', stage.stage_name, listener), NonFiniteGuard(stage.stage_name),
-                   CheckpointMarker(), stop]
+            cbs = [MetricsLogger(run_dir / 'metrics.jsonl', stage.stage_name, listener), NonFiniteGuard(stage.stage_name), stop]
             trainer = build_trainer(scfg, stage, model, tokenizer, sd.train, sdir / 'checkpoints', cbs, progress)
             _quiet_logs(trainer, progress)
+            atomic_checkpoints(trainer, stage.stage_name)
             ck = last_complete_checkpoint(sdir / 'checkpoints')
+            if ck is not None: refuse_pickle_weights(ck, cfg.allow_pickle)
+            if cfg.resume and main:
+                manifest.setdefault('resumes', []).append({'stage': stage.stage_name, 'checkpoint': ck.name if ck else None,
+                                                           'time': datetime.datetime.now().isoformat(timespec='seconds')})
+            if main: shutil.rmtree(sdir / 'checkpoints' / STAGING, ignore_errors=True)  # what a kill left half-written
             out = trainer.train(resume_from_checkpoint=str(ck) if ck else None)
             r.steps, r.tokens = trainer.state.global_step, int(trainer.state.num_input_tokens_seen or 0)
             if stop.stopped:
@@ -492,8 +607,9 @@ def run(cfg:RunConfig, progress:bool=True, listener:Optional[Callable]=None, sto
             del trainer
             r.adapter_dir = str(sdir / 'adapter')
             if main:
-                if cfg.peft_method == 'full': model.save_pretrained(r.adapter_dir)
-                else: save_adapter(model, r.adapter_dir)
+                with atomic_dir(r.adapter_dir, f'adapter of stage {stage.stage_name}') as tmp:
+                    if cfg.peft_method == 'full': model.save_pretrained(tmp)
+                    else: save_adapter(model, tmp)
             barrier()
             r.wall_s += time.time() - ts; r.status = 'done'
             manifest['stages'][r.name] = {'samples': samples.get('samples', [])}
@@ -502,9 +618,10 @@ def run(cfg:RunConfig, progress:bool=True, listener:Optional[Callable]=None, sto
         # 4. final
         final = run_dir / 'final'
         if main:
-            if cfg.peft_method == 'full': model.save_pretrained(final)
-            else: save_adapter(model, final)
-            tokenizer.save_pretrained(final)
+            with atomic_dir(final, 'final adapter') as tmp:
+                if cfg.peft_method == 'full': model.save_pretrained(tmp)
+                else: save_adapter(model, tmp)
+                tokenizer.save_pretrained(tmp)
         res = save_manifest('done')
         if main:
             try: plot_run(run_dir)
@@ -515,7 +632,8 @@ def run(cfg:RunConfig, progress:bool=True, listener:Optional[Callable]=None, sto
         for r in results:
             if r.status == 'running': r.status, r.error = 'failed', f"{type(e).__name__}: {e}"
         manifest['error'] = f"{type(e).__name__}: {e}"
-        save_manifest('failed')
+        try: save_manifest('failed')
+        except OSError as w: print(f"the run folder could not be marked failed ({w})", file=sys.stderr)  # keep the first error
         raise
 
 # %% ../nbs/06_stages.ipynb #af8815e5
