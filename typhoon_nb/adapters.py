@@ -12,7 +12,7 @@ from .config import ConfigError, RunConfig
 
 # %% auto #0
 __all__ = ['PEFT_METHODS', 'MARKER', 'quantization_of', 'trainable_parts', 'AdapterReport', 'adapter_report',
-           'linear_module_names', 'check_peft_settings', 'lora_config', 'prefix_config', 'apply_peft',
+           'linear_module_names', 'check_peft_settings', 'lora_config', 'fused_experts', 'prefix_config', 'apply_peft',
            'fix_prefix_generation', 'adapter_method', 'save_adapter', 'load_adapter', 'merge_and_save',
            'frozen_reference', 'embedding_module_names', 'set_embedding_training']
 
@@ -105,8 +105,14 @@ def check_peft_settings(cfg:RunConfig):
 def lora_config(model, cfg:RunConfig, modules_to_save:Optional[list]=None):
     "The `peft.LoraConfig` for `cfg`, with `lora_targets` checked against the layers of `model`."
     from peft import LoraConfig
-    t = list(cfg.lora_targets)
-    if t == ['all-linear']: targets = 'all-linear'
+    t, extra = list(cfg.lora_targets), {}
+    if t == ['all-linear'] and fused_experts(model):  # MoE: all-linear reaches neither the fused experts nor the router
+        from typhoon_nb.patches.moe import moe_lora_kwargs
+        extra = moe_lora_kwargs(attention=False)
+        targets = [n for n in linear_module_names(model) if n != 'lm_head']
+        modules_to_save = list(modules_to_save or []) + extra.pop('modules_to_save')
+        extra.pop('target_modules')  # PEFT cannot put dropout on a parameter's update: lora_dropout 0 (from moe_lora_kwargs)
+    elif t == ['all-linear']: targets = 'all-linear'
     else:
         names = [n for n, _ in model.named_modules() if n]
         bad = [s for s in t if not any(n == s or n.endswith('.' + s) for n in names)]
@@ -114,9 +120,14 @@ def lora_config(model, cfg:RunConfig, modules_to_save:Optional[list]=None):
             _fail(f"lora_targets: no module named {', '.join(map(repr, bad)) or '(empty list)'} in {type(model).__name__}; "
                   f"its linear layers are: {', '.join(linear_module_names(model))} (or use ['all-linear'])")
         targets = t
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+    extra.setdefault('lora_dropout', cfg.lora_dropout)
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=targets,
                       use_rslora=cfg.use_rslora, use_dora=cfg.use_dora, bias='none', task_type='CAUSAL_LM',
-                      modules_to_save=modules_to_save)
+                      modules_to_save=modules_to_save, **extra)
+
+def fused_experts(model) -> list[str]:
+    "Names of the fused Mixture-of-Experts weights in `model` (transformers 5's `mlp.experts.gate_up_proj` layout)."
+    return [n for n, _ in model.named_parameters() if n.endswith(('mlp.experts.gate_up_proj', 'mlp.experts.down_proj'))]
 
 def prefix_config(model, cfg:RunConfig):
     "The `peft.PrefixTuningConfig` for `cfg`."
