@@ -10,7 +10,7 @@ PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 # nbdev_test workers; notebooks train small models, two at once suit two cores
 NB_WORKERS ?= 2
 
-.PHONY: demo test install install-dev sync-check nbtest pytest readme docs
+.PHONY: demo test install install-dev sync-check nbtest pytest readme docs bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -57,3 +57,11 @@ readme: install-dev
 ## The offline docs site in _docs/ (no Quarto needed); fails on any warning
 docs: install-dev
 	$(BIN)/python -c "import sys; from typhoon_nb.site import main; sys.exit(main())"
+
+## Benchmarks: execute every nbs/benchmarks/*.ipynb in place with its full parameters, then clean it (slow: minutes each)
+bench: install-dev
+	@set -e; for nb in nbs/benchmarks/*.ipynb; do \
+	  echo "bench: $$nb"; \
+	  HF_HUB_OFFLINE=1 $(BIN)/papermill "$$nb" "$$nb" --cwd nbs/benchmarks -k python3 --no-progress-bar; \
+	  $(BIN)/nbdev_clean --fname "$$nb"; \
+	done

@@ -1,0 +1,272 @@
+"""Training throughput of our SFT / DPO path against plain TRL defaults, one configuration per call.
+
+The measuring engine of `perf_suite.ipynb` (CPU) and, run as a script on a machine with one H100-class GPU, the QLoRA
+check at Typhoon-7B's full shape:
+
+    python nbs/benchmarks/gpu_perf.py --out gpu_perf.json            # 7b shape, 4bit, lora, ours vs TRL, < 10 min
+
+Every model is built from a config with random weights (nothing is downloaded). Tokens are the non-padding tokens the
+trainer consumed (`include_num_input_tokens_seen='non_padding'`), counted after the warm-up steps. FLOPs convention:
+6 N per token for full training, 4 N for adapters over a frozen base (forward 2 N, backward through the activations
+2 N, no weight gradients), N = parameters of the matrix multiplications (all linear layers and the LM head, not the
+input embedding table); attention's sequence-length term is left out (short sequences here).
+"""
+from __future__ import annotations
+import argparse, importlib, json, os, platform, resource, subprocess, sys, tempfile, threading, time
+from pathlib import Path
+
+NEEDS = {'torch': 'torch', 'transformers': 'transformers>=5', 'peft': 'peft', 'trl': 'trl>=1.0',
+         'bitsandbytes': 'bitsandbytes>=0.48', 'datasets': 'datasets', 'accelerate': 'accelerate', 'pythainlp': 'pythainlp'}
+
+def ensure_packages(needs:dict=NEEDS, install:bool=True) -> list[str]:
+    "Import each package; pip-install the missing ones (and the repository itself) when `install`; return what was installed."
+    missing = [spec for mod, spec in needs.items() if importlib.util.find_spec(mod) is None]
+    try: import typhoon_nb  # noqa: F401
+    except ImportError: missing.append(str(Path(__file__).resolve().parents[2]))  # the repository, editable
+    if missing and install:
+        args = [a for spec in missing for a in (['-e', spec] if os.path.isdir(spec) else [spec])]
+        subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', *args], check=True)
+    return missing
+
+TYPHOON_7B = dict(vocab_size=35219, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=8, max_position_embeddings=32768, sliding_window=4096)  # scb10x/typhoon-7b's config.json
+SHAPES = {'7b': TYPHOON_7B,  # Typhoon-7B's full shape
+          '30m': dict(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                      num_key_value_heads=2, max_position_embeddings=512, sliding_window=256),  # ~28M parameters, the tiny Typhoon's vocabulary
+          'tiny': dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=1, max_position_embeddings=256, sliding_window=128)}  # for tests
+
+def device() -> str:
+    import torch
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+def machine() -> dict:
+    "CPU model, cores, torch version (and the GPU where there is one)."
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try: cpu = next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
+    except Exception: pass
+    m = {'cpu': cpu, 'cores': os.cpu_count(), 'torch_threads': torch.get_num_threads(), 'torch': torch.__version__}
+    if torch.cuda.is_available(): m['gpu'] = torch.cuda.get_device_name(0)
+    return m
+
+def matmul_peak(dtype='bfloat16', sizes=(1024, 2048), reps:int=5, dev:str|None=None) -> dict:
+    "Best FLOP/s of square matmuls in `dtype` over `sizes` (median of `reps` per size): the peak that MFU divides by."
+    import torch
+    dev, dt = dev or device(), getattr(torch, dtype)
+    if dev == 'cuda': sizes = tuple(s * 4 for s in sizes)
+    per = {}
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dt, device=dev), torch.randn(n, n, dtype=dt, device=dev)
+        for _ in range(2): a @ b
+        ts = []
+        for _ in range(reps):
+            if dev == 'cuda': torch.cuda.synchronize()
+            t = time.perf_counter(); a @ b
+            if dev == 'cuda': torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t)
+        per[n] = 2 * n ** 3 / sorted(ts)[len(ts) // 2]
+    return {'dtype': dtype, 'flops_per_s': max(per.values()), 'by_size': per}
+
+def matmul_params(model) -> int:
+    "N of the FLOPs convention: weights of the linear layers and the LM head (quantized ones at their logical size)."
+    import torch
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) or type(m).__name__ in ('Linear4bit', 'Linear8bitLt'):
+            w = getattr(m, 'in_features', 0) * getattr(m, 'out_features', 0)
+            n += w or m.weight.numel()
+    return n
+
+def flops_per_token(n_matmul:int, peft:str) -> int:
+    "Model FLOPs per trained token: 6 N (full) or 4 N (adapters over a frozen base)."
+    return (6 if peft == 'full' else 4) * n_matmul
+
+def build_model(shape:str, dtype, dev:str, seed:int=0, pad_token_id:int=1, eos_token_id:int=0):
+    "A random-init Mistral model of `shape` in `dtype` on `dev` (a 7B model is created straight in bf16 on the device)."
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+    conf = MistralConfig(**SHAPES[shape], rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, use_cache=False,
+                         pad_token_id=pad_token_id, bos_token_id=eos_token_id, eos_token_id=eos_token_id)
+    torch.manual_seed(seed)
+    prev = torch.get_default_dtype(); torch.set_default_dtype(dtype)
+    try:
+        with torch.device(dev): model = MistralForCausalLM(conf)
+    finally: torch.set_default_dtype(prev)
+    return model
+
+class _ClockBase:
+    "Time and non-padding tokens at each optimizer step end, and the peak RSS seen (CPU)."
+    def __init__(self, warmup:int=1): self.warmup, self.marks, self.rss = warmup, [], 0
+    def on_step_end(self, args, state, control, **kw):
+        self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
+        self.rss = max(self.rss, rss_now())
+    def rate(self) -> tuple[float, int, float]:
+        "(tokens/s, tokens, seconds) over the steps after the warm-up."
+        if len(self.marks) <= self.warmup: raise RuntimeError(f"only {len(self.marks)} steps ran: need more than {self.warmup} warm-up step(s)")
+        (t0, n0), (t1, n1) = self.marks[self.warmup - 1], self.marks[-1]
+        return (n1 - n0) / (t1 - t0), n1 - n0, t1 - t0
+
+def Clock(warmup:int=1):
+    "A trainer callback that clocks the optimizer steps (see `_ClockBase`)."
+    from transformers import TrainerCallback
+    class _Clock(_ClockBase, TrainerCallback): pass
+    return _Clock(warmup)
+
+def rss_now() -> int:
+    "Resident set size of this process now, bytes."
+    try: return int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+    except Exception: return 0
+
+def peak_rss() -> int:
+    "Peak resident set size of this process so far, bytes."
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+def load_data(kind:str, tok, max_length:int, n:int|None=None, seed:int=42):
+    "The demo curriculum's training split for `kind` (sft | dpo), validated by the data layer (its first `n` records)."
+    from typhoon_nb.config import StageConfig
+    from typhoon_nb.data import load_stage_data
+    ds = load_stage_data(StageConfig(kind=kind, data=f'demo:{kind}', max_length=max_length), seed=seed, tokenizer=tok).train
+    return ds.select(range(min(n, len(ds)))) if n else ds
+
+def tokenizer():
+    from transformers import AutoTokenizer
+    from typhoon_nb.loader import tiny_typhoon, prepare_tokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_typhoon('tiny')); prepare_tokenizer(tok)
+    return tok
+
+def _quiet(trainer):
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    for c in (PrinterCallback, ProgressCallback): trainer.remove_callback(c)
+    return trainer
+
+def ours_trainer(kind:str, shape:str, quantization:str, peft:str, steps:int, batch_size:int, max_length:int, data, tok,
+                 clock, dev:str, out_dir:str, precision:str='auto', lr:float=2e-4, args:dict|None=None, **overrides):
+    "Our path: the loader's precision and quantization, `apply_peft`, and the trainer `typhoon_nb.stages.build_trainer` builds."
+    from typhoon_nb.config import RunConfig, StageConfig
+    from typhoon_nb.loader import resolve_precision, quantization_config, quantize_in_place
+    from typhoon_nb.adapters import apply_peft
+    from typhoon_nb.stages import build_trainer
+    stage = StageConfig(kind=kind, data=f'demo:{kind}', batch_size=batch_size, max_length=max_length, max_steps=steps, save_steps=0,
+                        eval_samples=0, lr=lr, reference='entering')
+    cfg = RunConfig(quantization=quantization, peft_method=peft, precision=precision, stages=[stage], **overrides).validate()
+    dtype, _ = resolve_precision(cfg.precision, dev)
+    model = build_model(shape, dtype, dev, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    if quantization != 'none':
+        model.config.quantization_config = quantization_config(quantization, dtype)  # as the loader's from_pretrained leaves it
+        quantize_in_place(model, model.config.quantization_config, dev)
+    model, _ = apply_peft(model, cfg)
+    tr = build_trainer(cfg, stage, model, tok, data, out_dir, [clock], progress=False)
+    tr.args.include_num_input_tokens_seen = 'non_padding'
+    for k, v in (args or {}).items(): setattr(tr.args, k, v)  # settings read when training starts (dataloader)
+    return _quiet(tr)
+
+def trl_trainer(kind:str, shape:str, quantization:str, peft:str, steps:int, batch_size:int, max_length:int, data, tok,
+                clock, dev:str, out_dir:str, lr:float=2e-4, padding_free:bool=False, **args):
+    """Plain TRL: `SFTConfig()` / `DPOConfig()` defaults (bf16, gradient checkpointing, no packing), the model in its
+    checkpoint dtype (fp32 at the small shapes, bf16 at 7b), the adapter through `peft_config`; only the step count, batch,
+    learning rate, logging and `use_cpu` (needed on a CPU) are set, plus `args`."""
+    import torch
+    from peft import LoraConfig, PrefixTuningConfig
+    from typhoon_nb.config import RunConfig
+    from typhoon_nb.loader import quantization_config, quantize_in_place
+    dtype = torch.bfloat16 if shape == '7b' else torch.float32
+    model = build_model(shape, dtype, dev, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    if quantization != 'none': quantize_in_place(model, quantization_config(quantization, torch.bfloat16), dev)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules='all-linear', task_type='CAUSAL_LM')
+    peft_config = {'lora': lora, 'prefix': PrefixTuningConfig(num_virtual_tokens=16, task_type='CAUSAL_LM')}.get(peft)
+    if peft == 'both':  # one peft_config cannot say LoRA + prefix: the model comes wrapped as our adapters build it
+        from typhoon_nb.adapters import apply_peft
+        model, _ = apply_peft(model, RunConfig(quantization=quantization, peft_method='both'))
+    kw = dict(output_dir=out_dir, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr, report_to=[],
+              save_strategy='no', logging_steps=1, disable_tqdm=True, include_num_input_tokens_seen='non_padding',
+              use_cpu=dev == 'cpu') | args
+    if padding_free: kw |= dict(padding_free=True, max_length=None)  # TRL's rule; the data layer checked every record fits
+    if kind == 'sft':
+        from trl import SFTConfig, SFTTrainer
+        return _quiet(SFTTrainer(model=model, args=SFTConfig(**kw), train_dataset=data, processing_class=tok,
+                                 peft_config=peft_config, callbacks=[clock]))
+    from trl import DPOConfig, DPOTrainer
+    return _quiet(DPOTrainer(model=model, args=DPOConfig(**kw), train_dataset=data, processing_class=tok,
+                             peft_config=peft_config, callbacks=[clock]))
+
+def measure(path:str, kind:str='sft', shape:str='30m', quantization:str='none', peft:str='lora', steps:int=6,
+            batch_size:int=16, max_length:int=96, data=None, tok=None, warmup:int=1, **kw) -> dict:
+    "Build `path`'s trainer (ours | trl) for one configuration, train `steps` steps; tokens/s after `warmup` steps, memory, FLOPs."
+    import torch, gc
+    dev = device()
+    tok = tok or tokenizer()
+    data = data if data is not None else load_data(kind, tok, max_length)
+    clock = Clock(warmup)
+    if dev == 'cuda': torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as td:
+        make = ours_trainer if path == 'ours' else trl_trainer
+        t0, note = time.perf_counter(), None  # note: set where a run needed a change
+        tr = make(kind, shape, quantization, peft, steps, batch_size, max_length, data, tok, clock, dev, td, **kw)
+        setup = time.perf_counter() - t0
+        n_matmul = matmul_params(tr.model)
+        out = tr.train()
+        rate, tokens, secs = clock.rate()
+        res = {'path': path, 'kind': kind, 'shape': shape, 'quantization': quantization, 'peft': peft, 'steps': tr.state.global_step,
+               'tokens_per_s': rate, 'tokens': tokens, 'seconds': secs, 'setup_seconds': setup, 'loss': out.training_loss,
+               'matmul_params': n_matmul, 'flops_per_token': flops_per_token(n_matmul, peft),
+               'bf16': bool(tr.args.bf16), 'gradient_checkpointing': bool(tr.args.gradient_checkpointing),
+               'padding_free': bool(getattr(tr.args, 'padding_free', False) or getattr(tr.args, 'packing', False)),
+               'peak_memory_bytes': torch.cuda.max_memory_allocated() if dev == 'cuda' else clock.rss,
+               'memory_kind': 'cuda_max_allocated' if dev == 'cuda' else 'rss_seen_during_training', 'note': note}
+        del tr; gc.collect()
+    return res
+
+def _cli(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--shape', default='7b', choices=list(SHAPES))
+    ap.add_argument('--kind', default='sft', choices=('sft', 'dpo'))
+    ap.add_argument('--quantization', default='4bit', choices=('4bit', '8bit', 'none'))
+    ap.add_argument('--peft', default='lora', choices=('lora', 'prefix', 'both'))
+    ap.add_argument('--paths', default='ours,trl', help='comma-separated: ours, trl (run alternately)')
+    ap.add_argument('--repeats', type=int, default=1)
+    ap.add_argument('--steps', type=int, default=None, help='optimizer steps per measurement (default: 6, or 4 at 7b)')
+    ap.add_argument('--batch_size', type=int, default=None, help='sequences per step (default: 16, or 4 at 7b)')
+    ap.add_argument('--max_length', type=int, default=None, help='tokens per sequence / packed block (default: 96, or 1024 at 7b)')
+    ap.add_argument('--n_train', type=int, default=None, help='use the first N demo records (default: all)')
+    ap.add_argument('--no_install', action='store_true', help='do not pip-install missing packages')
+    ap.add_argument('--no_peak', action='store_true', help='skip the matmul peak (no MFU)')
+    ap.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
+    ap.add_argument('--out', default='gpu_perf.json')
+    return ap.parse_args(argv)
+
+def main(argv=None) -> dict:
+    "Measure the paths alternately `repeats` times and write the records, medians, ratio and MFU as JSON."
+    a = _cli(argv)
+    installed = ensure_packages(install=not a.no_install)
+    os.environ.setdefault('HF_HUB_OFFLINE', '1')
+    import datasets, warnings
+    datasets.disable_progress_bars(); warnings.filterwarnings('ignore')
+    if a.threads: import torch; torch.set_num_threads(a.threads)
+    from transformers.utils import logging as tl
+    tl.set_verbosity_error()
+    big = a.shape == '7b'
+    steps, bs, L = a.steps or (4 if big else 6), a.batch_size or (4 if big else 16), a.max_length or (1024 if big else 96)
+    tok = tokenizer()
+    data = load_data(a.kind, tok, L, a.n_train)
+    runs = []
+    for _ in range(a.repeats):
+        for p in a.paths.split(','):
+            r = measure(p, a.kind, a.shape, a.quantization, a.peft, steps, bs, L, data, tok)
+            r['peak_rss_bytes'] = peak_rss()
+            runs.append(r); print(json.dumps({k: r[k] for k in ('path', 'tokens_per_s', 'peak_memory_bytes')}), flush=True)
+    med = lambda p: sorted(x['tokens_per_s'] for x in runs if x['path'] == p)[len([x for x in runs if x['path'] == p]) // 2]
+    res = {'machine': machine(), 'installed': installed, 'shape': a.shape, 'config': SHAPES[a.shape], 'kind': a.kind,
+           'quantization': a.quantization, 'peft': a.peft, 'repeats': a.repeats, 'steps': steps, 'batch_size': bs,
+           'max_length': L, 'runs': runs, 'tokens_per_s': {p: med(p) for p in a.paths.split(',')}}
+    if {'ours', 'trl'} <= set(res['tokens_per_s']): res['ratio'] = res['tokens_per_s']['ours'] / res['tokens_per_s']['trl']
+    if not a.no_peak:
+        pk = matmul_peak('bfloat16')
+        res['bf16_peak_flops_per_s'] = pk['flops_per_s']
+        fpt = runs[0]['flops_per_token']
+        res['mfu'] = {p: v * fpt / pk['flops_per_s'] for p, v in res['tokens_per_s'].items()}
+    Path(a.out).write_text(json.dumps(res, indent=1, default=str))
+    print(json.dumps({k: res.get(k) for k in ('machine', 'tokens_per_s', 'ratio', 'mfu')}, indent=1, default=str))
+    return res
+
+if __name__ == '__main__': main()
