@@ -15,8 +15,9 @@ from .config import RunConfig, StageConfig, ConfigError, stage_view
 __all__ = ['COMPLETE', 'STAGING', 'RunError', 'StageResult', 'RunResult', 'write_json', 'stage_dir', 'prepare_run_dir', 'rank',
            'world_size', 'is_main', 'init_distributed', 'barrier', 'attach_run_dir', 'MetricsLogger', 'StopControl',
            'NonFiniteGuard', 'checkpoint_files', 'mark_complete', 'verify_checkpoint', 'last_complete_checkpoint',
-           'refuse_pickle_weights', 'atomic_dir', 'atomic_checkpoints', 'build_trainer', 'dpo_reference_context',
-           'load_all_data', 'attention_transfer_stage', 'run', 'read_metrics', 'plot_run', 'demo_checks', 'demo']
+           'refuse_pickle_weights', 'atomic_dir', 'atomic_checkpoints', 'train_or_restore', 'build_trainer',
+           'dpo_reference_context', 'load_all_data', 'attention_transfer_stage', 'run', 'read_metrics', 'plot_run',
+           'demo_checks', 'demo']
 
 # %% ../nbs/06_stages.ipynb #97765313
 class RunError(RuntimeError):
@@ -347,6 +348,19 @@ def atomic_checkpoints(trainer, stage:str=''):
     trainer._save_checkpoint = _save_checkpoint
     return trainer
 
+# %% ../nbs/06_stages.ipynb #c7d1e2f4
+def train_or_restore(trainer, ck=None):
+    "Train `trainer`, resuming from checkpoint `ck`; a checkpoint at the stage's last step is restored, not trained past."
+    from transformers.trainer_callback import TrainerState
+    if ck is not None:
+        state = TrainerState.load_from_json(str(Path(ck) / 'trainer_state.json'))
+        if state.max_steps and state.global_step >= state.max_steps:
+            trainer._load_from_checkpoint(str(ck))  # the model weights, as train() would load them
+            trainer.state = state
+            trainer._load_rng_state(str(ck))
+            return None
+    return trainer.train(resume_from_checkpoint=str(ck) if ck is not None else None)
+
 # %% ../nbs/06_stages.ipynb #e291405e
 def _precision_flags(model) -> dict:
     import torch
@@ -593,7 +607,7 @@ def run(cfg:RunConfig, progress:bool=True, listener:Optional[Callable]=None, sto
                 manifest.setdefault('resumes', []).append({'stage': stage.stage_name, 'checkpoint': ck.name if ck else None,
                                                            'time': datetime.datetime.now().isoformat(timespec='seconds')})
             if main: shutil.rmtree(sdir / 'checkpoints' / STAGING, ignore_errors=True)  # what a kill left half-written
-            out = trainer.train(resume_from_checkpoint=str(ck) if ck else None)
+            train_or_restore(trainer, ck)
             r.steps, r.tokens = trainer.state.global_step, int(trainer.state.num_input_tokens_seen or 0)
             if stop.stopped:
                 r.status = 'stopped'; r.wall_s += time.time() - ts
