@@ -18,7 +18,7 @@ def stage_logs(run_dir, stage):
     return [json.loads(l) for l in (Path(run_dir) / 'metrics.jsonl').read_text().splitlines() if json.loads(l)['stage'] == stage]
 
 # --- the DPO reference ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize('method', ['lora', 'prefix', 'both'])
+@pytest.mark.parametrize('method', ['lora', 'prefix', 'both', 'full'])
 def test_dpo_step0_loss_is_ln2_with_the_sft_reference(tmp_path, method):
     from typhoon_nb.stages import run
     cfg = micro_cfg(tmp_path, [SFT, DPO | {'overrides': {}}], peft_method=method, run_name=f'ref-{method}')
@@ -28,6 +28,19 @@ def test_dpo_step0_loss_is_ln2_with_the_sft_reference(tmp_path, method):
     assert first['step'] == 1
     assert abs(first['loss'] - math.log(2)) < 1e-3, first
     assert abs(first['rewards/margins']) < 1e-4, first
+
+def test_moe_router_load_is_in_the_metrics(tmp_path):
+    "With the MoE patch every logged SFT record carries the router's load per expert per layer, summing to top-k x tokens."
+    from typhoon_nb.stages import run
+    cfg = micro_cfg(tmp_path, [SFT | {'max_steps': 2}], use_moe=True, moe_experts=4, moe_top_k=2, run_name='moe')
+    res = run(cfg, progress=False, verbose=False)
+    recs = [r for r in stage_logs(res.run_dir, 'sft') if 'router_tokens/L0' in r]
+    assert recs, 'no router statistics in metrics.jsonl'
+    for r in recs:
+        for layer in (0, 1):
+            counts = [r[f'router_count/L{layer}/E{e}'] for e in range(4)]
+            assert sum(counts) == 2 * r[f'router_tokens/L{layer}'], r
+    assert sum(r['router_tokens/L0'] for r in recs) > 0
 
 def test_dpo_with_base_reference_starts_elsewhere(tmp_path):
     "Negative control: after SFT, an adapter-disabled (base) reference does not start DPO at ln 2."

@@ -437,10 +437,22 @@ def _install_ref_forward(ref):
     ref.forward = types.MethodType(forward, ref)
     return ref
 
+def _frozen_copy(model):
+    "A frozen, evaluation-mode copy of a fully fine-tuned model as it enters DPO."
+    import copy
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters(): p.requires_grad_(False)
+    return ref
+
 def _dpo_ref_model(model, stage):
     "The `ref_model` to give TRL: None where TRL's own reference is right (LoRA: a frozen copy of the adapter), else a frozen copy."
     from peft import PeftModel
-    if not isinstance(model, PeftModel) or _is_lora_only(model): return None
+    if not isinstance(model, PeftModel):  # full fine-tuning
+        if stage.reference != 'base': return _frozen_copy(model)  # left to itself, TRL would load the base from its folder
+        if not getattr(model.config, '_name_or_path', ''):
+            raise RunError("stages: reference: base needs the base model's folder, but this model was built in memory (patched); use reference: sft")
+        return None  # TRL loads the base from model.config._name_or_path
+    if _is_lora_only(model): return None
     if stage.reference == 'base':
         raise RunError(f"stages: reference: base is supported with peft_method lora or full; use reference: sft with prefix tuning")
     return _policy_copy(model)
@@ -450,7 +462,7 @@ def _set_dpo_reference(trainer, stage):
     from peft import PeftModel
     model = trainer.model
     if not isinstance(model, PeftModel):
-        return  # full fine-tuning: TRL keeps a frozen copy of the entering model itself
+        return  # full fine-tuning: our frozen copy of the entering model (or TRL's base from its folder with reference: base)
     if getattr(trainer, 'ref_model', None) is not None:
         _install_ref_forward(trainer.ref_model)  # prefix / both: our frozen copy (TRL patched its forward for a plain model)
         return
@@ -598,6 +610,9 @@ def run(cfg:RunConfig, progress:bool=True, listener:Optional[Callable]=None, sto
                 set_embedding_training(model, stage.train_embeddings)
             stop = StopControl(stop_event)
             cbs = [MetricsLogger(run_dir / 'metrics.jsonl', stage.stage_name, listener), NonFiniteGuard(stage.stage_name), stop]
+            if scfg.moe_on:  # router load per expert per layer into each logged record (before MetricsLogger writes it)
+                from .patches.moe import RouterLoadCallback
+                cbs.insert(0, RouterLoadCallback())
             trainer = build_trainer(scfg, stage, model, tokenizer, sd.train, sdir / 'checkpoints', cbs, progress)
             _quiet_logs(trainer, progress)
             atomic_checkpoints(trainer, stage.stage_name)
