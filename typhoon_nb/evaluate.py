@@ -9,8 +9,8 @@ from typing import Callable, Optional
 import torch
 
 # %% auto #0
-__all__ = ['eval_mode', 'perplexity', 'generate_answers', 'exact_match', 'style_rate', 'completion_logps', 'preference_accuracy',
-           'evaluate_stage']
+__all__ = ['eval_mode', 'perplexity', 'generate_answers', 'exact_match', 'style_rate', 'completion_logps', 'completion_loss',
+           'preference_accuracy', 'evaluate_stage']
 
 # %% ../nbs/05_evaluate.ipynb #92426e1d
 @contextlib.contextmanager
@@ -106,6 +106,11 @@ def completion_logps(model, tokenizer, prompts, completions, batch_size:int=16) 
             res.append(tok.sum(-1).cpu())
     return torch.cat(res) if res else torch.zeros(0)
 
+def completion_loss(model, tokenizer, prompts, completions, batch_size:int=16) -> float:
+    "Held-out loss: mean negative log-likelihood per completion token (nats), over all the pairs."
+    n = sum(len(_chat_ids(tokenizer, p, c)[1]) for p, c in zip(prompts, completions))
+    return float(-completion_logps(model, tokenizer, prompts, completions, batch_size).sum() / max(1, n))
+
 def preference_accuracy(model, tokenizer, records:list[dict], reference:Optional[Callable]=None, ref_model=None,
                         beta:float=0.1) -> dict:
     "Preference accuracy (implicit reward of chosen > rejected), mean reward margin, and log-prob preference accuracy."
@@ -135,6 +140,7 @@ def evaluate_stage(kind:str, model, tokenizer, eval_records:list[dict], n:int=64
     refs = [(r['completion'] if kind == 'sft' else r['chosen'])[-1]['content'] for r in recs]
     res['exact_match'] = exact_match(preds, refs)
     res['style_rate'] = style_rate(preds)
+    if kind == 'sft': res['completion_loss'] = completion_loss(model, tokenizer, prompts, [r['completion'] for r in recs])
     if kind == 'dpo':
         res.update(preference_accuracy(model, tokenizer, recs, reference=reference, ref_model=ref_model, beta=beta))
     res['samples'] = [{'prompt': p[-1]['content'], 'expected': r, 'generated': g} for p, r, g in zip(prompts, refs, preds)][:n_samples]
