@@ -236,9 +236,9 @@ def checkpoint_files(folder) -> dict:
     folder = Path(folder)
     return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob('*')) if p.is_file() and p.name != COMPLETE}
 
-def _fsync_tree(folder):
-    "Flush every file under `folder`, and the folders, to disk."
-    for p in [*Path(folder).rglob('*'), Path(folder)]:
+def _fsync_tree(folder, deep:bool=True):
+    "Flush every file under `folder`, and the folders, to disk (`deep=False`: only `folder` itself, a file or a folder)."
+    for p in [*(Path(folder).rglob('*') if deep else []), Path(folder)]:
         try:
             fd = os.open(p, os.O_RDONLY)
             try: os.fsync(fd)
@@ -329,10 +329,10 @@ def atomic_checkpoints(trainer, stage:str=''):
                 tmp = staging / final.name
                 _fsync_tree(tmp)
                 mark_complete(tmp, step=step, stage=stage)
-                _fsync_tree(tmp)
+                _fsync_tree(tmp / COMPLETE); _fsync_tree(tmp, deep=False)
                 if final.exists(): shutil.rmtree(final)  # the same step saved again (a stop right after a save)
                 os.rename(tmp, final)
-                _fsync_tree(out)
+                _fsync_tree(out, deep=False); _fsync_tree(staging, deep=False)  # the renames (not every earlier checkpoint again)
         except Exception as e:
             shutil.rmtree(staging / final.name, ignore_errors=True)
             prev = last_complete_checkpoint(out)
