@@ -27,20 +27,39 @@ def micro(out, name, stage_list, **kw) -> dict:
                 lora_alpha=16.0, lora_dropout=0.0, warmup_ratio=0.0, stages=stage_list) | kw
 
 # --- 1. kill anywhere, resume, compare with the uninterrupted run ------------------------------------------------------
-# Every job is a real training process (forked from this one after the imports, so a trial does not pay ~6 s of imports),
-# killed with SIGKILL. Kill moments are drawn from seeded generators: after a random number of logged steps of a chosen
-# stage plus a random delay, or in the middle of a checkpoint write (a non-empty folder under checkpoints/.staging).
+# Every job is a real training process, forked from this one after the heavy imports (`_warm`), so a trial does not pay
+# seconds of imports, and killed with SIGKILL. Kill moments come from seeded generators and three kinds of moment:
+# `timed`: after a random number of logged steps of a chosen stage plus a random delay; `mid-save`: in the middle of a
+# checkpoint write (a non-empty folder under checkpoints/.staging); `stage-end`: after the stage's last checkpoint, as
+# its adapter starts to be written (the job kills itself there, so the moment is exact).
 N_TRIALS, PARALLEL, SEED0 = 12, 2, 1500
+MODES = ['timed'] * 6 + ['stage-end'] * 3 + ['mid-save'] * 3
 
-def _job(cfg_dict, resume):
+def _warm():
+    "Import what a run imports, once, in the parent: forked jobs inherit the modules."
+    import torch, transformers, peft, trl, datasets, matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot, safetensors.torch
+    from trl import SFTTrainer, DPOTrainer
+    from typhoon_nb import stages, data, loader, adapters, evaluate, refinements  # noqa: F401
+    from typhoon_nb.loader import tiny_typhoon
+    tiny_typhoon('micro')  # built and cached once
+
+def _job(cfg_dict, resume, kill_stage=None):
     import torch
+    from typhoon_nb import adapters
     from typhoon_nb.stages import run
     torch.set_num_threads(1)
+    if kill_stage:  # SIGKILL this process as it starts writing the adapter of `kill_stage` (after its last checkpoint)
+        save = adapters.save_adapter
+        def save_adapter(model, folder, *a, **k):
+            if f'-{kill_stage}/.tmp-adapter' in str(folder): os.kill(os.getpid(), signal.SIGKILL)
+            return save(model, folder, *a, **k)
+        adapters.save_adapter = save_adapter
     cfg = RunConfig(resume=resume, output_dir=str(Path(resume).parent)) if resume else RunConfig.from_dict(cfg_dict)
     run(cfg, progress=False, verbose=False)
 
-def _start(cfg_dict=None, resume=None):
-    p = mp.get_context('fork').Process(target=_job, args=(cfg_dict, resume), daemon=True)
+def _start(cfg_dict=None, resume=None, kill_stage=None):
+    p = mp.get_context('fork').Process(target=_job, args=(cfg_dict, resume, kill_stage), daemon=True)
     p.start(); return p
 
 def _lines(rd) -> int:
@@ -75,34 +94,35 @@ def _snapshot(rd) -> dict:
 
 class Trial:
     def __init__(self, k, out, cfg, ref_lines):
-        self.k, self.seed = k, SEED0 + k
+        self.k, self.seed, self.mode, self.t0 = k, SEED0 + k, MODES[k], time.time()
         rng = random.Random(self.seed)
         self.stage = ('pretrain', 'sft', 'dpo')[k % 3]
-        self.mode = 'mid-save' if k >= N_TRIALS - 3 else 'timed'
         idx = [i for i, r in enumerate(ref_lines) if r['stage'] == self.stage]
         self.after = rng.choice(idx) if self.mode == 'timed' else idx[0]  # logged lines before the moment
         self.delay = round(rng.uniform(0, 0.3), 3) if self.mode == 'timed' else 0.0
         self.rd = out / f'trial{k}'
         self.cfg = cfg | {'run_name': self.rd.name}
-        self.proc, self.phase, self.t_reached = _start(self.cfg), 'kill', None
-        self.killed_at = self.snap = self.result = None
+        self.proc = _start(self.cfg, kill_stage=self.stage if self.mode == 'stage-end' else None)
+        self.phase, self.t_reached = 'kill', None
+        self.killed_at = self.snap = self.result = self.wall_s = None
 
     def poll(self):
         if self.phase == 'kill':
-            if self.proc.exitcode is not None:
+            if self.proc.exitcode is not None and not (self.mode == 'stage-end' and self.proc.exitcode == -signal.SIGKILL):
                 self.phase, self.result = 'done', f'not killed: the job ended first (exit {self.proc.exitcode})'; return
-            if self._moment():
-                os.kill(self.proc.pid, signal.SIGKILL); self.proc.join()
+            if self.proc.exitcode is not None or self._moment():
+                if self.proc.exitcode is None: os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.join()
                 man = json.loads((self.rd / 'manifest.json').read_text()) if (self.rd / 'manifest.json').exists() else {}
                 running = [n for n, s in man.get('stages', {}).items() if s.get('status') == 'running']
                 self.killed_at = {'stage': running[0] if running else None, 'logged_lines': _lines(self.rd), 'exit': self.proc.exitcode}
                 self.snap = _snapshot(self.rd)
                 self.proc, self.phase = _start(resume=str(self.rd)), 'resume'
         elif self.phase == 'resume' and self.proc.exitcode is not None:
-            self.phase, self.result = 'done', f'resume exit {self.proc.exitcode}'
+            self.phase, self.result, self.wall_s = 'done', f'resume exit {self.proc.exitcode}', round(time.time() - self.t0, 1)
 
     def _moment(self) -> bool:
-        if _lines(self.rd) < self.after: return False
+        if self.mode == 'stage-end' or _lines(self.rd) < self.after: return False
         if self.mode == 'timed':
             self.t_reached = self.t_reached or time.time()
             return time.time() - self.t_reached >= self.delay
@@ -122,8 +142,9 @@ def _final_weights(rd):
     return load_file(str(rd / 'final' / 'adapter_model.safetensors'))
 
 def test_kill_anywhere_and_resume(data, tmp_path, capsys):
+    _warm()
     cfg = micro(tmp_path / 'runs', 'reference', stages(data))
-    ref = _start(cfg); ref.join(300)
+    t_ref = time.time(); ref = _start(cfg); ref.join(300); t_ref = time.time() - t_ref
     assert ref.exitcode == 0
     rrd = tmp_path / 'runs' / 'reference'
     ref_lines, ref_loss, ref_sum, ref_w = _records(rrd), _loss_by_step(rrd), _summary(rrd), _final_weights(rrd)
@@ -141,9 +162,10 @@ def test_kill_anywhere_and_resume(data, tmp_path, capsys):
         picked = {r['stage']: r['checkpoint'] for r in man.get('resumes', [])}
         rows.append({'trial': t.k, 'seed': t.seed, 'mode': t.mode, 'target_stage': t.stage, 'after_logged_lines': t.after,
                      'delay_s': t.delay, 'killed_in': t.killed_at, 'half_written_at_kill': {n: s['half'] for n, s in (t.snap or {}).items() if s['half']},
-                     'resumed_from': picked, 'result': t.result})
+                     'resumed_from': picked, 'result': t.result, 'wall_s': t.wall_s})
     with capsys.disabled():
-        print('\nkill-anywhere trials (seed, moment, where the kill landed, what resume picked):')
+        print(f'\nkill-anywhere: uninterrupted run {t_ref:.1f} s, {len(rows)} trials in {time.time() - t0:.0f} s ({PARALLEL} at a time)')
+        print('trials (seed, moment, where the kill landed, what resume picked):')
         for r in rows: print('  ' + json.dumps(r, ensure_ascii=False))
     for t, row in zip(trials, rows):
         assert t.result == 'resume exit 0', row
@@ -167,4 +189,7 @@ def test_kill_anywhere_and_resume(data, tmp_path, capsys):
     killed_in = {r['killed_in']['stage'] for r in rows}
     assert {'pretrain', 'sft', 'dpo'} <= killed_in, killed_in  # the kills landed in all three stages
     assert sum(1 for r in rows if r['half_written_at_kill']) >= 3  # and at least three cut a checkpoint write in half
+    ends = [r for r in rows if r['mode'] == 'stage-end']  # and three came after a stage's last checkpoint, one per stage
+    assert sorted(r['killed_in']['stage'] for r in ends) == ['dpo', 'pretrain', 'sft']
+    assert all(r['resumed_from'][r['killed_in']['stage']] == f"checkpoint-{ref_sum[1][r['killed_in']['stage']]['steps']}" for r in ends), ends
     assert len(rows) >= 10
