@@ -296,17 +296,35 @@ def atomic_dir(target, what:str='folder'):
         os.rename(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
     except Exception as e:
+        why = _why(e, target.parent)  # before the cleanup gives the space back
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, RunError): raise
-        raise RunError(f"could not write the {what} {target}: {_why(e)}; nothing was replaced") from e
+        raise RunError(f"could not write the {what} {target}: {why}; nothing was replaced") from e
 
-def _why(e) -> str:
+def _fs_problem(folder) -> Optional[int]:
+    "EROFS, ENOSPC or EACCES when the filesystem holding `folder` is read-only, (almost) full or not writable for us."
     import errno
-    code = getattr(e, 'errno', None)
+    p = Path(folder)
+    while not p.exists() and p != p.parent: p = p.parent
+    try: st = os.statvfs(p)
+    except OSError: return None
+    if st.f_flag & os.ST_RDONLY: return errno.EROFS
+    if st.f_bavail * st.f_frsize < 1 << 20: return errno.ENOSPC
+    return None if os.access(p, os.W_OK) else errno.EACCES
+
+def _why(e, folder=None) -> str:
+    "Why a write into `folder` failed, in words: the OS error found in `e` (or its causes), else the state of the filesystem."
+    import errno
+    code, x = None, e
+    for _ in range(5):  # the error itself, then what it was raised from
+        if x is None or code is not None: break
+        code, x = getattr(x, 'errno', None), x.__cause__ or x.__context__
     if code is None:  # torch and safetensors report write failures as RuntimeError / SafetensorError with the OS text
         txt = str(e)
         code = errno.ENOSPC if ('No space left' in txt or 'os error 28' in txt or 'StorageFull' in txt) else \
                errno.EROFS if ('Read-only file system' in txt or 'os error 30' in txt) else None
+    if code is None and folder is not None:  # torch.save on a full disk: "[enforce fail at inline_container.cc] unexpected pos"
+        code = _fs_problem(folder)
     hint = {errno.ENOSPC: 'no space left on the device', errno.EDQUOT: 'disk quota exceeded', errno.EACCES: 'permission denied',
             errno.EROFS: 'read-only file system', errno.EPERM: 'operation not permitted'}.get(code)
     return f"{hint} ({type(e).__name__}: {e})" if hint else f"{type(e).__name__}: {e}"
@@ -334,10 +352,11 @@ def atomic_checkpoints(trainer, stage:str=''):
                 os.rename(tmp, final)
                 _fsync_tree(out, deep=False); _fsync_tree(staging, deep=False)  # the renames (not every earlier checkpoint again)
         except Exception as e:
+            why = _why(e, out)  # before the cleanup gives the space back
             shutil.rmtree(staging / final.name, ignore_errors=True)
             prev = last_complete_checkpoint(out)
             keep = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
-            raise RunError(f"stage {stage}: could not write checkpoint-{step} to {out}: {_why(e)}; {keep}. "
+            raise RunError(f"stage {stage}: could not write checkpoint-{step} to {out}: {why}; {keep}. "
                            f"Free space or fix the folder's permissions, then resume the run") from e
         finally:
             trainer.__dict__.pop('_get_output_dir', None)
