@@ -193,3 +193,73 @@ def test_kill_anywhere_and_resume(data, tmp_path, capsys):
     assert sorted(r['killed_in']['stage'] for r in ends) == ['dpo', 'pretrain', 'sft']
     assert all(r['resumed_from'][r['killed_in']['stage']] == f"checkpoint-{ref_sum[1][r['killed_in']['stage']]['steps']}" for r in ends), ends
     assert len(rows) >= 10
+
+# --- 2. disk full / unwritable output, through run(cfg) ------------------------------------------------------------------
+# A real small filesystem (tmpfs) holds the run folder; when the stage has logged step 3 (checkpoint-2 is on disk), the test
+# fills the filesystem but for a little slack, or makes the checkpoints folder read-only (a read-only bind mount as root,
+# file permissions otherwise). Saving checkpoint-4 must then stop the run with our message naming the folder, leave
+# checkpoint-2 whole, and a resume from it (once space is back) must end where an uninterrupted run ends.
+def _sh(*cmd): return subprocess.run(cmd, capture_output=True, text=True)
+
+@pytest.fixture
+def small_fs(tmp_path):
+    "A 16 MiB tmpfs (root only)."
+    mnt = tmp_path / 'small'; mnt.mkdir()
+    if os.geteuid() != 0: pytest.skip('a disk-full test needs root to mount a small tmpfs')
+    r = _sh('mount', '-t', 'tmpfs', '-o', 'size=16m', 'tmpfs', str(mnt))
+    if r.returncode: pytest.skip(f'cannot mount a tmpfs here: {r.stderr.strip()}')
+    yield mnt
+    _sh('umount', '-l', str(mnt))
+
+def _sft_only(data, out, name):
+    return micro(out, name, [dict(kind='sft', data=str(data / 'sft_train.jsonl'), eval_data=str(data / 'sft_eval.jsonl'), lr=5e-3,
+                                  max_steps=6, batch_size=4, max_length=64, save_steps=2, eval_samples=0)])
+
+def _fill(folder, slack=256 * 1024):
+    st = os.statvfs(folder); free = st.f_bavail * st.f_frsize
+    with open(folder / 'filler', 'wb') as f: f.write(b'\0' * max(free - slack, 0))
+
+def _fault_test(data, tmp_path, out, fault, undo, why):
+    from typhoon_nb.stages import run, RunError, verify_checkpoint
+    ref = run(RunConfig.from_dict(_sft_only(data, tmp_path / 'ref', 'ref')), progress=False, verbose=False)
+    cfg = RunConfig.from_dict(_sft_only(data, out, 'run'))
+    rd = out / 'run'; ckd = rd / 'stages' / '0-sft' / 'checkpoints'
+    hit = []
+    def listener(rec):
+        if rec.get('step') == 3 and 'loss' in rec and not hit: hit.append(fault(ckd))
+    try:
+        with pytest.raises(RunError) as ei: run(cfg, progress=False, listener=listener, verbose=False)
+        msg = str(ei.value)
+        assert hit and f'stage sft: could not write checkpoint-4 to {ckd}: {why}' in msg, msg
+        assert f'the previous checkpoint {ckd / "checkpoint-2"} is intact' in msg and 'then resume the run' in msg, msg
+        assert sorted(p.name for p in ckd.glob('checkpoint-*')) == ['checkpoint-2']
+        assert verify_checkpoint(ckd / 'checkpoint-2') is None and _valid_checkpoint(ckd / 'checkpoint-2')
+        assert not (ckd / STAGING_ / 'checkpoint-4').exists()  # the failed save left nothing half-written
+    finally: undo(ckd)
+    man = json.loads((rd / 'manifest.json').read_text())
+    assert man['status'] == 'failed' and man['stages']['sft']['status'] == 'failed' and why in man['error']
+    res = run(RunConfig(resume=str(rd), output_dir=str(out)), progress=False, verbose=False)
+    man = json.loads((rd / 'manifest.json').read_text())
+    assert res.status == 'done' and man['resumes'][-1] == man['resumes'][-1] | {'stage': 'sft', 'checkpoint': 'checkpoint-2'}
+    assert [(s.steps, s.tokens) for s in res.stages] == [(s.steps, s.tokens) for s in ref.stages] == [(6, ref.stages[0].tokens)]
+    w, rw = _final_weights(rd), _final_weights(ref.run_dir)
+    assert max(float((w[k] - rw[k]).abs().max()) for k in rw) <= 1e-6
+
+STAGING_ = '.staging'
+
+def test_disk_full_keeps_the_previous_checkpoint(data, tmp_path, small_fs):
+    _fault_test(data, tmp_path, small_fs, lambda ckd: _fill(small_fs), lambda ckd: (small_fs / 'filler').unlink(missing_ok=True),
+                'no space left on the device')
+
+def test_read_only_output_keeps_the_previous_checkpoint(data, tmp_path):
+    out = tmp_path / 'out'
+    if os.geteuid() == 0:  # root writes through permissions: a read-only bind mount of the checkpoints folder instead
+        def fault(ckd):
+            r1, r2 = _sh('mount', '--bind', str(ckd), str(ckd)), _sh('mount', '-o', 'remount,bind,ro', str(ckd))
+            if r1.returncode or r2.returncode: pytest.skip(f'cannot bind-mount read-only here: {r1.stderr or r2.stderr}')
+        undo, why = lambda ckd: _sh('umount', str(ckd)), 'read-only file system'
+    else:
+        def fault(ckd):
+            for p in (ckd / STAGING_, ckd): p.chmod(0o555)
+        undo, why = lambda ckd: [p.chmod(0o755) for p in (ckd, ckd / STAGING_) if p.exists()], 'permission denied'
+    _fault_test(data, tmp_path, out, fault, undo, why)
