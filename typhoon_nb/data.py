@@ -121,6 +121,8 @@ def _read_jsonl(path, src, rep, kind):
         except json.JSONDecodeError as e:
             cut = '; the file ends inside this line (truncated?)' if last else ''
             yield _Row(src, f'line {i}', None, raw, ('invalid_json', None, f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno}){cut}")); continue
+        except RecursionError:
+            yield _Row(src, f'line {i}', None, raw, ('invalid_json', None, 'invalid JSON (nested too deeply to read)')); continue
         yield _obj(src, f'line {i}', rec, raw)
 
 def _read_txt(path, src, rep, kind):
@@ -139,6 +141,8 @@ def _read_json(path, src, rep, kind):
     try: obj = json.loads(s)
     except json.JSONDecodeError as e:
         yield _Row(src, f'line {e.lineno}', bad=('invalid_json', None, f"invalid JSON ({e.msg.removesuffix(' at')} at column {e.colno}); the whole file is unreadable")); return
+    except RecursionError:
+        yield _Row(src, 'line 1', bad=('invalid_json', None, 'invalid JSON (nested too deeply to read); the whole file is unreadable')); return
     if not isinstance(obj, list):
         yield _Row(src, '', None, None, ('not_record', None, f'expected a JSON list of records, got a {type(obj).__name__} (one record per line: use .jsonl)')); return
     for i, r in enumerate(obj, 1): yield _obj(src, f'record {i}', r)
@@ -149,7 +153,7 @@ def _cell(v:str):
     "A CSV cell: JSON lists (messages) are parsed, everything else stays a string."
     if v.lstrip().startswith('['):
         try: return json.loads(v)
-        except json.JSONDecodeError: pass
+        except (json.JSONDecodeError, RecursionError): pass
     return v
 
 def _read_csv(path, src, rep, kind):
@@ -222,12 +226,19 @@ def _rows(source, kind, rep, name=None) -> Iterator[_Row]:
 class _Bad(Exception):
     "One problem with a record: (reason, field, detail)."
 
+_LONE = re.compile('[\ud800-\udfff]')  # JSON "\\ud800" decodes to a lone surrogate, which no file format can store
+
+def _safe(s:str) -> str:
+    "`s` with lone surrogates written as escapes, so messages, reports and rejects files can be printed and saved."
+    return s.encode('utf-8', 'backslashreplace').decode('utf-8') if _LONE.search(s) else s
+
 class _Ctx:
     "Per-record state: normalisation on/off and whether it changed anything; column labels for messages."
     def __init__(self, normalize:bool, labels:dict): self.normalize, self.labels, self.changed = normalize, labels, False
     def text(self, v, f, allow_empty=False) -> str:
         if v is None: raise _Bad('null_field', f, 'null')
         if not isinstance(v, str): raise _Bad('wrong_type', f, f'expected a string, got {_tn(v)}')
+        if (m := _LONE.search(v)): raise _Bad('non_utf8', f, f'unpaired surrogate {m.group()!r} at character {m.start() + 1} (not valid Unicode text)')
         if self.normalize:
             n = normalize_thai(v); self.changed |= n != v; v = n
         if not allow_empty and not v.strip(): raise _Bad('empty_text', f, 'empty text')
@@ -380,16 +391,16 @@ def load_records(source, # file, folder, hub id, list of records or datasets.Dat
             continue
         reason, f, detail = bad
         fl = '' if f is None else f"field '{f}'" + (f" (column '{labels[f]}')" if f in labels else '') + ': '
-        msg = f"{row.src}{' ' + row.where if row.where else ''}: {fl}{detail}"
+        msg = _safe(f"{row.src}{' ' + row.where if row.where else ''}: {fl}{detail}")
         rep.rejected[reason] = rep.rejected.get(reason, 0) + 1
         problems.append(msg)
         rejects.append({'source': row.src, 'where': row.where, 'reason': reason, 'field': f, 'message': msg, 'record': row.rec, 'raw': row.raw})
-    rep.kept, rep.problems, rep.ignored_columns = len(kept), problems[:max_problems], sorted(map(str, ignored))
+    rep.kept, rep.problems, rep.ignored_columns = len(kept), problems[:max_problems], sorted(_safe(str(c)) for c in ignored)
     if rep.read == 0: raise DataError([f'{src}: no records (empty file or folder)'])
     if problems and on_bad_record == 'error': raise DataError(problems[:max_problems], len(problems), src, rep.read, rep)
     if rejects and rejects_path is not None:
         p = Path(rejects_path); p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(''.join(json.dumps(r, ensure_ascii=False, default=str) + '\n' for r in rejects), encoding='utf-8')
+        p.write_bytes(''.join(json.dumps(r, ensure_ascii=False, default=str) + '\n' for r in rejects).encode('utf-8', 'backslashreplace'))
         rep.rejects_path = str(p)
     if not kept: raise DataError([f'{src}: none of the {rep.read} records is usable'] + [f'  - {m}' for m in problems[:max_problems]])
     return datasets.Dataset.from_list(kept), rep
