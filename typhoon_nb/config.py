@@ -215,12 +215,16 @@ def _check_fields(d:dict, cls, path:str, problems:list, parse_strings:bool):
     out = {}
     for k, v in d.items():
         if not isinstance(k, str) or k not in known:
-            problems.append(_unknown(str(k), known, path)); continue
+            shown = k if isinstance(k, str) and k.isidentifier() else repr(k[:40] + '...' if isinstance(k, str) and len(k) > 40 else k)  # odd keys quoted
+            problems.append(_unknown(shown, known, path)); continue
         if cls is RunConfig and k == 'stages': out[k] = v; continue
         t, opt = _base_type(cls, k)
         if parse_strings and isinstance(v, str) and (t is not str or opt): v = parse_value(v, t, opt)
         if not _check_type(v, t, opt):
             problems.append(f"{path}{k}: expected {_type_name(t, opt)}, got {type(v).__name__} {v!r}")
+            continue
+        if isinstance(v, str) and re.search('[\x00\ud800-\udfff]', v):
+            problems.append(f"{path}{k}: contains a NUL or an unpaired surrogate character, which no file name or setting can hold, got {v[:40]!r}")
             continue
         if t is float and isinstance(v, int): v = float(v)
         out[k] = v
