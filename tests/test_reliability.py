@@ -263,3 +263,117 @@ def test_read_only_output_keeps_the_previous_checkpoint(data, tmp_path):
             for p in (ckd / STAGING_, ckd): p.chmod(0o555)
         undo, why = lambda ckd: [p.chmod(0o755) for p in (ckd, ckd / STAGING_) if p.exists()], 'permission denied'
     _fault_test(data, tmp_path, out, fault, undo, why)
+
+# --- 3. fuzzed inputs: records to the data layer, dicts to RunConfig ---------------------------------------------------
+# Every generated input is either accepted or rejected with our own error class and a message that names where the
+# problem is (file and line, or record, and the field); an exception of any other class fails the test.
+from hypothesis import given, settings, HealthCheck, example, strategies as hs
+
+_CHARS = hs.characters(codec=None, categories=['Lu', 'Ll', 'Lo', 'Mn', 'Nd', 'Zs', 'Cc', 'Cf', 'Cs', 'Po', 'So'])  # Cs: lone surrogates
+_TEXT = hs.one_of(hs.text(_CHARS, max_size=12), hs.sampled_from(['', ' ', '\n', '\ud800', 'a\udfffb', '\x00', 'สวัสดีครับ', 'ก\u0e48\u0e48',
+                                                                '\u200b', '\ufeff']),
+                  hs.builds(lambda c, n: c * n, hs.sampled_from(['x', 'ก', '\ud800']), hs.sampled_from([0, 1, 5000, 200_000])))
+_JUNK = hs.recursive(hs.none() | hs.booleans() | hs.integers(-2**70, 2**70) | hs.floats() | _TEXT,
+                     lambda c: hs.lists(c, max_size=3) | hs.dictionaries(_TEXT, c, max_size=3), max_leaves=8)
+_ROLE = hs.sampled_from(['user', 'assistant', 'system', 'human', 'gpt', 'USER', '', 'tool']) | _JUNK
+_MSG = hs.fixed_dictionaries({'role': _ROLE, 'content': _TEXT | _JUNK}) | _JUNK
+_MSGS = hs.lists(_MSG, max_size=4) | _JUNK
+_TURNS = _TEXT | _MSGS
+_RECORD = {
+    'pretrain': hs.fixed_dictionaries({'text': _TEXT | _JUNK}) | hs.dictionaries(_TEXT, _JUNK, max_size=3),
+    'sft': hs.one_of(hs.fixed_dictionaries({'messages': _MSGS}), hs.fixed_dictionaries({'conversations': hs.lists(hs.fixed_dictionaries({'from': _ROLE, 'value': _TEXT | _JUNK}), max_size=4) | _JUNK}),
+                     hs.fixed_dictionaries({'instruction': _TEXT | _JUNK, 'output': _TEXT | _JUNK}, optional={'input': _TEXT | _JUNK, 'system': _TEXT | _JUNK}),
+                     hs.fixed_dictionaries({'prompt': _TURNS, 'completion': _TURNS}), hs.dictionaries(_TEXT, _JUNK, max_size=3)),
+    'dpo': hs.one_of(hs.fixed_dictionaries({'prompt': _TURNS, 'chosen': _TURNS, 'rejected': _TURNS}),
+                     hs.fixed_dictionaries({'chosen': _MSGS, 'rejected': _MSGS}), hs.dictionaries(_TEXT, _JUNK, max_size=3)),
+}
+_FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+
+def _check_data(kind, source, n, name):
+    "load_records on `source` with both policies: accepted with counts that add up, or a DataError naming the place."
+    from typhoon_nb.data import load_records, DataError
+    for policy in ('error', 'skip'):
+        try: ds, rep = load_records(source, kind, on_bad_record=policy)
+        except DataError as e:
+            msg = str(e)
+            assert name in msg, msg
+            if policy == 'error' and e.report is not None:  # every listed problem names its line / record, and a field where one is at fault
+                assert all(re.match(rf'{re.escape(name)} (line|record) \d+: ', p) for p in e.problems), e.problems
+            continue
+        assert rep.read == n and rep.kept + rep.n_rejected == n and len(ds) == rep.kept, rep
+        assert policy == 'skip' or rep.n_rejected == 0
+        json.dumps(rep.to_dict(), ensure_ascii=False).encode('utf-8')  # the report can be written to the manifest
+
+import re
+
+@pytest.mark.parametrize('kind', ['pretrain', 'sft', 'dpo'])
+def test_fuzzed_records_in_memory(kind):
+    @_FUZZ
+    @given(hs.lists(_RECORD[kind] | _JUNK, min_size=1, max_size=5))
+    def check(recs): _check_data(kind, recs, len(recs), '<records>')
+    check()
+
+@pytest.mark.parametrize('kind', ['pretrain', 'sft', 'dpo'])
+def test_fuzzed_jsonl_files(kind, tmp_path_factory):
+    d = tmp_path_factory.mktemp('fuzz')
+    @_FUZZ
+    @given(hs.lists(_RECORD[kind].map(lambda r: json.dumps(r).encode()) | _JUNK.map(lambda r: json.dumps(r).encode())
+                    | hs.binary(min_size=1, max_size=40) | hs.sampled_from([b'[' * 100_000, b'{"text": "\\ud800"}', b'{"text": "a', b'\xff\xfe{}']),
+                    min_size=1, max_size=5))
+    def check(lines):
+        p = d / f'{kind}.jsonl'
+        p.write_bytes(b'\n'.join(l.replace(b'\n', b' ') for l in lines) + b'\n')
+        n = sum(1 for l in lines if l.replace(b'\n', b' ').strip())
+        if n == 0: return
+        _check_data(kind, str(p), n, f'{kind}.jsonl')
+    check()
+
+_RUN_FIELDS = [f.name for f in __import__('dataclasses').fields(RunConfig)]
+_STAGE_FIELDS = [f.name for f in __import__('dataclasses').fields(StageConfig)]
+_VALUE = _JUNK | hs.sampled_from(['none', '1e3', 'inf', 'nan', '-1', 'true', '[1, 2]', '{a: 1}', '[' * 5000, 'demo:sft', 'lora', '4bit'])
+_STAGE = hs.dictionaries(hs.sampled_from(_STAGE_FIELDS) | _TEXT, _VALUE, max_size=6) | _JUNK
+_CONFIG = hs.dictionaries(hs.sampled_from(_RUN_FIELDS) | _TEXT, _VALUE, max_size=6).flatmap(
+    lambda d: hs.just(d) | hs.lists(_STAGE, max_size=3).map(lambda s: d | {'stages': s}))
+
+def _names_a_field(problem:str) -> bool:
+    "Whether `problem` starts with a path: `field: `, `stages[1].field: `, `config: `, or a quoted / literal odd key."
+    head = problem.split(': ', 1)[0]
+    if head == 'config' or head.startswith('stages'): return True
+    last = head.split('.')[-1] if not head.startswith(("'", '"')) else head
+    try: ast.literal_eval(last); return True  # 'odd key', 12, None, ...
+    except (ValueError, SyntaxError): return last.isidentifier()
+
+def _check_config(d, **kw):
+    try: cfg = RunConfig.from_dict(d, **kw)
+    except ConfigError as e:
+        assert e.problems and str(e).startswith('invalid config')
+        assert all(_names_a_field(p) for p in e.problems), e.problems  # each problem starts with the field it is about
+        return
+    cfg.validate()  # what was accepted stays valid, can be written as YAML and read back the same
+    assert RunConfig.from_yaml(cfg.to_yaml().encode('utf-8').decode('utf-8')) == cfg
+
+@_FUZZ
+@given(_CONFIG)
+def test_fuzzed_configs(d):
+    _check_config(d)
+    _check_config(d, parse_strings=True)
+
+@_FUZZ
+@given(hs.dictionaries(hs.sampled_from(_RUN_FIELDS), _TEXT | hs.sampled_from(['none', 'inf', 'nan', '1e400', '9' * 5000, '[' * 5000, '[{kind: sft}]']), max_size=6))
+def test_fuzzed_job_parameters(d):
+    "Papermill parameters are strings: parsed into the fields' types, never evaluated."
+    try: cfg = RunConfig.from_flat(d)
+    except ConfigError as e: assert e.problems; return
+    cfg.validate()
+
+@pytest.mark.parametrize('d, problem', [
+    ({'run_name': 'a\x00b'}, "run_name: contains a NUL or an unpaired surrogate character"),
+    ({'output_dir': 'runs/\ud800'}, "output_dir: contains a NUL or an unpaired surrogate character"),
+    ({'stages': [{'kind': 'sft', 'data': 'x\x00.jsonl'}]}, "stages[0].data: contains a NUL or an unpaired surrogate character"),
+    ({'': 1}, "'': unknown field"),
+    ({'\ud800' * 100: 1}, "'" + '\\ud800' * 40 + "...': unknown field"),
+])
+def test_config_odd_strings_are_named(d, problem):
+    "Strings no path can hold are refused by validation (not later, deep in the filesystem), and odd keys are quoted."
+    with pytest.raises(ConfigError) as ei: RunConfig.from_dict(d)
+    assert any(p.startswith(problem) for p in ei.value.problems), ei.value.problems
