@@ -408,6 +408,8 @@ def _only(cls, kw):
 def build_trainer(cfg, stage, model, tokenizer, train_ds, out_dir, callbacks=(), progress=True):
     "The HF / TRL trainer of `stage`, configured from `cfg` (refinements) and the stage's settings."
     from .refinements import make_optimizer
+    import huggingface_hub.constants as hub
+    hub.HF_HUB_DISABLE_TELEMETRY = True  # TRL's trainers ping the hub when built; a run needs no network and sends nothing
     kw = _common_args(cfg, stage, out_dir, model, progress)
     opt = make_optimizer(model, cfg, stage)
     if stage.kind == 'pretrain':
