@@ -377,3 +377,102 @@ def test_config_odd_strings_are_named(d, problem):
     "Strings no path can hold are refused by validation (not later, deep in the filesystem), and odd keys are quoted."
     with pytest.raises(ConfigError) as ei: RunConfig.from_dict(d)
     assert any(p.startswith(problem) for p in ei.value.problems), ei.value.problems
+
+# --- 4. safe defaults ----------------------------------------------------------------------------------------------------
+def test_remote_code_is_refused_unless_asked(data, tmp_path):
+    "A local model folder that ships its own code (`auto_map`): refused with our message; the code never runs."
+    from typhoon_nb.loader import tiny_typhoon, LoaderError
+    from typhoon_nb.stages import run
+    src, m = tiny_typhoon('micro'), tmp_path / 'custom'
+    shutil.copytree(src, m)
+    ran = tmp_path / 'remote-code-ran'
+    (m / 'modeling_custom.py').write_text(textwrap.dedent(f'''
+        import pathlib; pathlib.Path({str(ran)!r}).write_text('ran')
+        from transformers import MistralConfig, MistralForCausalLM
+        class CustomConfig(MistralConfig): model_type = 'typhoon_custom'
+        class CustomModel(MistralForCausalLM): config_class = CustomConfig
+    '''))
+    conf = json.loads((m / 'config.json').read_text())
+    conf |= {'model_type': 'typhoon_custom', 'architectures': ['CustomModel'],
+             'auto_map': {'AutoConfig': 'modeling_custom.CustomConfig', 'AutoModelForCausalLM': 'modeling_custom.CustomModel'}}
+    (m / 'config.json').write_text(json.dumps(conf))
+    cfg = RunConfig.from_dict(_sft_only(data, tmp_path / 'runs', 'remote') | {'model': str(m)})
+    assert cfg.trust_remote_code is False  # the default
+    with pytest.raises(LoaderError) as ei: run(cfg, progress=False, verbose=False)
+    assert f"{m / 'config.json'}: model_type 'typhoon_custom' (CustomModel) is not supported" in str(ei.value), str(ei.value)
+    assert not ran.exists()
+    man = json.loads((tmp_path / 'runs' / 'remote' / 'manifest.json').read_text())
+    assert man['status'] == 'failed' and 'is not supported' in man['error']
+
+def test_pickle_checkpoint_is_refused_on_resume(data, tmp_path):
+    "A checkpoint whose weights are pickle only (a complete marker and all) is refused on resume unless allow_pickle."
+    import torch
+    from safetensors.torch import load_file
+    from typhoon_nb.stages import run, RunError, mark_complete, COMPLETE
+    cfg = RunConfig.from_dict(_sft_only(data, tmp_path, 'pk'))
+    def stop(rec):
+        if rec.get('step') == 3 and 'loss' in rec: raise KeyboardInterrupt('stopped by the test')
+    with pytest.raises(KeyboardInterrupt): run(cfg, progress=False, listener=stop, verbose=False)
+    ck = tmp_path / 'pk' / 'stages' / '0-sft' / 'checkpoints' / 'checkpoint-2'
+    st = ck / 'adapter_model.safetensors'
+    torch.save(load_file(str(st)), ck / 'adapter_model.bin'); st.unlink(); (ck / COMPLETE).unlink()
+    mark_complete(ck, step=2, stage='sft')  # whole, as far as the marker goes: only the format is wrong
+    with pytest.raises(RunError) as ei: run(RunConfig(resume=str(tmp_path / 'pk'), output_dir=str(tmp_path)), progress=False, verbose=False)
+    assert f'checkpoint {ck}: only pickle weights (adapter_model.bin) found; loading pickle can run arbitrary code' in str(ei.value)
+    assert 'allow_pickle: true' in str(ei.value)
+
+_HOSTILE = ["'); import os; os.system('touch PWNED'); ('", '"""\nimport os\n"""', "\\'; x = 1 #", '${HOME} $(id) `id`',
+            "!!python/object/apply:os.system ['touch PWNED']", "__import__('os').system('touch PWNED')", 'ก\u0e48\n\r\t\\x00']
+
+@pytest.mark.parametrize('value', _HOSTILE)
+def test_job_parameters_are_injected_as_plain_literals(value, tmp_path):
+    "papermill writes each parameter as a literal into the job notebook: a hostile string reads back as the same string."
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+    from typhoon_nb.jobs import write_job_notebook, job_config
+    nb = load_notebook_node(str(write_job_notebook(tmp_path / 'job.ipynb')))  # as papermill reads it before injecting
+    nb = parameterize_notebook(nb, {'run_name': value, 'model': value, 'lora_r': value}, kernel_name='python3', language='python')
+    cell = next(c for c in nb.cells if 'injected-parameters' in c.metadata.get('tags', []))
+    tree = ast.parse(cell.source)
+    assigned = {}
+    for node in tree.body:  # nothing but NAME = <literal>
+        assert isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name), ast.dump(node)
+        assigned[node.targets[0].id] = ast.literal_eval(node.value)
+    assert assigned == {'run_name': value, 'model': value, 'lora_r': value}
+    with pytest.raises(ConfigError) as ei: job_config(assigned)
+    assert any(p.startswith('lora_r: expected int, got str') for p in ei.value.problems)
+    assert not list(tmp_path.glob('PWNED')) and not Path('PWNED').exists()
+
+_GUARD = '''
+import os, socket
+_log = os.environ['NET_ATTEMPTS']
+def _refuse(self, address, *a, **k):
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        with open(_log, 'a') as f: f.write(repr(address) + '\\n')
+        raise OSError(101, f'network blocked by the test: {address}')
+    return _connect(self, address, *a, **k)
+_connect = socket.socket.connect
+socket.socket.connect = _refuse
+socket.socket.connect_ex = lambda self, address: _refuse(self, address)
+'''
+
+def test_no_network_is_needed_or_attempted(data, tmp_path):
+    "A micro run end to end with the hub pointed at an unreachable address, offline mode off, and every TCP connect refused."
+    (tmp_path / 'guard').mkdir(); (tmp_path / 'guard' / 'sitecustomize.py').write_text(_GUARD)
+    attempts = tmp_path / 'attempts.log'
+    env = {k: v for k, v in os.environ.items() if k not in ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE', 'HF_DATASETS_OFFLINE')}
+    env |= {'HF_ENDPOINT': 'http://127.0.0.1:9', 'NET_ATTEMPTS': str(attempts), 'OMP_NUM_THREADS': '1',
+            'PYTHONPATH': os.pathsep.join([str(tmp_path / 'guard'), str(ROOT)])}
+    cfg = micro(tmp_path / 'runs', 'offline', stages(data, steps=(2, 2, 2)))
+    code = textwrap.dedent(f'''
+        import socket; assert socket.socket.connect.__name__ == '_refuse'  # the guard is installed
+        from typhoon_nb.config import RunConfig
+        from typhoon_nb.stages import run
+        res = run(RunConfig.from_dict({cfg!r}), progress=False, verbose=False)
+        print('status', res.status)
+    ''')
+    p = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert 'status done' in p.stdout
+    assert not attempts.exists() or attempts.read_text() == '', attempts.read_text()
+    assert json.loads((tmp_path / 'runs' / 'offline' / 'summary.json').read_text())['status'] == 'done'
