@@ -359,6 +359,8 @@ def test_fuzzed_configs(d):
     _check_config(d, parse_strings=True)
 
 @_FUZZ
+@example({'stages': '9' * 5000}).via('a YAML number too long for int()')
+@example({'stages': '[' * 5000, 'lora_targets': '[' * 5000}).via('YAML nested too deeply')
 @given(hs.dictionaries(hs.sampled_from(_RUN_FIELDS), _TEXT | hs.sampled_from(['none', 'inf', 'nan', '1e400', '9' * 5000, '[' * 5000, '[{kind: sft}]']), max_size=6))
 def test_fuzzed_job_parameters(d):
     "Papermill parameters are strings: parsed into the fields' types, never evaluated."

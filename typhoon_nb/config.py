@@ -198,7 +198,7 @@ def parse_value(s, t, opt=False):
         import yaml
         if v.startswith(('[', '{')):
             try: return yaml.safe_load(v)
-            except yaml.YAMLError: return s
+            except Exception: return s  # not YAML, nested too deeply, or a number too long to read: stays a string
         if t is list: return [p.strip() for p in v.split(',') if p.strip()]
         return s
     return s
@@ -385,7 +385,7 @@ def _from_flat(cls, d:dict, parse_strings:bool=True, source:str|None=None) -> Ru
     if isinstance(d.get('stages'), str):
         import yaml
         try: d['stages'] = yaml.safe_load(d['stages'])
-        except yaml.YAMLError: pass
+        except Exception: pass  # stays a string, reported as not a list of stages
     return cls.from_dict(d, parse_strings=parse_strings, source=source)
 RunConfig.from_flat = classmethod(_from_flat)
 
