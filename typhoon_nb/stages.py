@@ -37,7 +37,7 @@ class StageResult:
     adapter_dir: Optional[str] = None
     error: Optional[str] = None
 
-_METRICS = {'pretrain': ['perplexity'], 'sft': ['exact_match', 'style_rate'],
+_METRICS = {'pretrain': ['perplexity'], 'sft': ['exact_match', 'style_rate', 'completion_loss'],
             'dpo': ['preference_accuracy', 'exact_match', 'style_rate']}
 
 def _fmt(v):
@@ -709,7 +709,7 @@ def plot_run(run_dir) -> list[Path]:
         fig.tight_layout(); fig.savefig(pd / 'loss.png', dpi=80); plt.close(fig); out.append(pd / 'loss.png')
     summ = json.loads((run_dir / 'summary.json').read_text()) if (run_dir / 'summary.json').exists() else {}
     bars = [(f"{n}\n{k[:-6]}", v, d.get(k[:-6] + '_after')) for n, d in summ.get('stages', {}).items()
-            for k, v in d.items() if k.endswith('_before') and 'perplexity' not in k]
+            for k, v in d.items() if k.endswith('_before') and 'perplexity' not in k and 'loss' not in k]
     if bars:
         fig, ax = plt.subplots(figsize=(1.6 * len(bars) + 2, 3))
         xs = range(len(bars))
