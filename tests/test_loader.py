@@ -44,6 +44,9 @@ def test_vanilla_transformers_loads_micro(micro):
     ids = tok(s)['input_ids']
     assert tok.decode(ids) == s
     assert [tok.decode([i]) for i in tok('๑๒๓')['input_ids']] == ['๑', '๒', '๓']  # one token per Thai digit
+    # a digit never takes the space before it: a number is the same tokens at the start of an answer or inside a sentence
+    assert tok('เลข 347', add_special_tokens=False)['input_ids'][-3:] == tok('347', add_special_tokens=False)['input_ids']
+    assert tok('ว่า ๓๔๗', add_special_tokens=False)['input_ids'][-3:] == tok('๓๔๗', add_special_tokens=False)['input_ids']
     assert tok.chat_template == CHAT_TEMPLATE and tok.pad_token == '<|pad|>' and tok.pad_token != tok.eos_token
     out = tok.apply_chat_template([{'role': 'user', 'content': 'สวัสดี'}, {'role': 'assistant', 'content': 'ครับ'}],
                                   return_assistant_tokens_mask=True, return_dict=True)

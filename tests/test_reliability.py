@@ -402,6 +402,7 @@ def test_remote_code_is_refused_unless_asked(data, tmp_path):
     assert cfg.trust_remote_code is False  # the default
     with pytest.raises(LoaderError) as ei: run(cfg, progress=False, verbose=False)
     assert f"{m / 'config.json'}: model_type 'typhoon_custom' (CustomModel) is not supported" in str(ei.value), str(ei.value)
+    assert 'ships its own model code (auto_map): set trust_remote_code: true if you trust it' in str(ei.value)
     assert not ran.exists()
     man = json.loads((tmp_path / 'runs' / 'remote' / 'manifest.json').read_text())
     assert man['status'] == 'failed' and 'is not supported' in man['error']

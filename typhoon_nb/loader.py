@@ -172,7 +172,9 @@ def check_model_folder(folder, cfg:RunConfig|None=None) -> dict:
     if mt not in SUPPORTED and not (cfg.trust_remote_code and conf.get('auto_map')):
         arch = ', '.join(conf.get('architectures') or []) or '?'
         raise LoaderError(f"{cj}: model_type {mt!r} ({arch}) is not supported; supported: "
-                          f"{', '.join(sorted(SUPPORTED))} (Mistral / Llama-family causal LMs)")
+                          f"{', '.join(sorted(SUPPORTED))} (Mistral / Llama-family causal LMs)"
+                          + ("; the folder ships its own model code (auto_map): set trust_remote_code: true if you trust it"
+                             if conf.get('auto_map') else ''))
     st = sorted(folder.glob('*.safetensors'))
     if st:
         for f in st: check_safetensors(f)
@@ -421,8 +423,9 @@ def train_tokenizer(lines, vocab_size:int):
     "A byte-level BPE tokenizer (the `tokenizers` library) trained on `lines`, with the chat special tokens."
     from tokenizers import Tokenizer, models, trainers, pre_tokenizers, decoders, Regex
     tok = Tokenizer(models.BPE())
-    # Thai runs (letters + combining marks) stay whole, each digit is its own piece, spaces attach to the next run
-    split = pre_tokenizers.Split(Regex(r" ?[\p{L}\p{M}]+| ?\p{N}| ?[^\s\p{L}\p{M}\p{N}]+|\s+"), behavior='isolated')
+    # Thai runs (letters + combining marks) stay whole, spaces attach to the next run of letters; each digit is its own
+    # piece and never takes the space before it, so a number is the same digit tokens wherever it stands
+    split = pre_tokenizers.Split(Regex(r" ?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+|\s+"), behavior='isolated')
     tok.pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     tr = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
