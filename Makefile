@@ -64,4 +64,9 @@ bench: install-dev
 	  echo "bench: $$nb"; \
 	  HF_HUB_OFFLINE=1 $(BIN)/papermill "$$nb" "$$nb" --cwd nbs/benchmarks -k python3 --no-progress-bar; \
 	  $(BIN)/nbdev_clean --fname "$$nb"; \
+	done; \
+	for nb in $$(grep -l 'benchmarks/results/' nbs/techniques/*.ipynb); do \
+	  echo "bench: $$nb (headline from the results)"; \
+	  HF_HUB_OFFLINE=1 $(BIN)/papermill "$$nb" "$$nb" --cwd nbs/techniques -k python3 --no-progress-bar; \
+	  $(BIN)/nbdev_clean --fname "$$nb"; \
 	done
