@@ -189,3 +189,33 @@ def test_bad_use():
 def test_load_refuses_plain_folder(tmp_path):
     tiny().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"config.json field model_type is 'mistral'"): load_linear_attention(tmp_path)
+
+
+def test_transfer_trains_through_4bit_projections_after_an_eval_forward():
+    "bitsandbytes repacks 4-bit CPU weights on an eval forward without gradients; attention transfer still trains."
+    from typhoon_nb.loader import quantization_config, quantize_in_place
+    m = tiny(seed=3, hidden=128); apply_linear_attention(m)  # projection sizes the repacking kernel takes (multiples of 32)
+    quantize_in_place(m, quantization_config('4bit', torch.float32), 'cpu')
+    m.eval()
+    with torch.no_grad(): m(IDS, use_cache=False)  # the forward that repacks on AVX512-BF16 CPUs
+    g = torch.Generator().manual_seed(0)
+    r = attention_transfer(m, [torch.randint(0, 256, (2, 32), generator=g) for _ in range(2)], steps=30, lr=5e-2)
+    assert r['ratio'] > 1.1, r  # 1.24 measured; exactly 1.0 when no gradient reaches the feature maps
+
+
+def test_linear_attention_params_travel_with_the_adapter(tmp_path):
+    "save_adapter writes linear_attention.safetensors beside a LoRA folder; load_adapter on a patched base restores it."
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from typhoon_nb.adapters import load_adapter, save_adapter
+    m = tiny(); apply_linear_attention(m, window=2); perturbed(m)
+    pm = get_peft_model(m, LoraConfig(r=4, target_modules=['q_proj', 'v_proj']))
+    save_adapter(pm, tmp_path / 'a')
+    assert (tmp_path / 'a' / 'linear_attention.safetensors').is_file()
+    with torch.no_grad(): want = pm(IDS, use_cache=False).logits
+    base = tiny(); apply_linear_attention(base, window=2)
+    with torch.no_grad(): got = load_adapter(base, tmp_path / 'a')(IDS, use_cache=False).logits
+    assert (got - want).abs().max().item() == 0.0
+    plain = PeftModel.from_pretrained(tiny(), tmp_path / 'a')  # vanilla peft still reads the folder
+    assert isinstance(plain, PeftModel)
+    with pytest.raises(ValueError, match=r"linear_attention.safetensors: field window is 2 but the model was patched with 0"):
+        other = tiny(); apply_linear_attention(other); load_adapter(other, tmp_path / 'a')

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/10c_patches_linear_attention.ipynb #794a4e81
 from __future__ import annotations
-import json, math, time
+import contextlib, json, math, time
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -17,10 +17,11 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 from .core import PatchReport, count_params, config_kv_bytes_per_token, kv_bytes_per_token
 
 # %% auto #0
-__all__ = ['EPS', 'HedgehogFeatureMap', 'la_parallel', 'init_state', 'la_chunked', 'la_recurrent', 'LinearAttention',
+__all__ = ['EPS', 'LA_FILE', 'HedgehogFeatureMap', 'la_parallel', 'init_state', 'la_chunked', 'la_recurrent', 'LinearAttention',
            'RecurrentStateLayer', 'LinearAttentionCache', 'TyphoonLinearMistralConfig',
            'TyphoonLinearMistralForCausalLM', 'linear_attention_modules', 'apply_linear_attention', 'set_form',
-           'attention_transfer', 'transfer_stage', 'save_linear_attention', 'load_linear_attention']
+           'attention_transfer', 'transfer_stage', 'save_linear_attention', 'load_linear_attention',
+           'linear_attention_state_dict', 'save_linear_attention_params', 'load_linear_attention_params']
 
 # %% ../../nbs/10c_patches_linear_attention.ipynb #4f84dcfb
 class HedgehogFeatureMap(nn.Module):
@@ -458,6 +459,22 @@ def _eval_mse(model, mods, batches) -> list[float]:
             for i, (m, c) in enumerate(zip(mods, caps)): tot[i] += _layer_mse(m, c).item() / len(batches)
     return tot
 
+@contextlib.contextmanager
+def _no_cpu_4bit_repacking(model):
+    """Keep bitsandbytes 4-bit layers differentiable on CPU: an eval-mode forward without gradients repacks their weights
+    for an inference kernel (AVX512-BF16) through which no gradient flows back. Unpack such weights and hold the
+    repacking off inside the block (restored after)."""
+    mods = [m for m in model.modules() if getattr(m, 'support_avx512bf16_for_cpu', False)]
+    for m in mods:
+        qs = getattr(m.weight, 'quant_state', None)
+        if getattr(qs, 'packing_format_for_cpu', False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data, qs)
+        m.support_avx512bf16_for_cpu = False
+    try: yield
+    finally:
+        for m in mods: m.support_avx512bf16_for_cpu = True
+
 # %% ../../nbs/10c_patches_linear_attention.ipynb #f1778ff9
 def attention_transfer(model,
                        texts_or_batches,  # texts (needs `tokenizer`), token-id lists, or LongTensor batches (B, T)
@@ -481,13 +498,14 @@ def attention_transfer(model,
     model.eval()
     t0 = time.time()
     try:
-        before = _eval_mse(model, mods, evals)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        for step in range(steps):
-            caps = _teacher(model, mods, batches[step % len(batches)])
-            loss = sum(_layer_mse(m, c) for m, c in zip(mods, caps)) / len(mods)
-            opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        after = _eval_mse(model, mods, evals)
+        with _no_cpu_4bit_repacking(model):  # gradients must flow back through the (frozen) 4-bit projections
+            before = _eval_mse(model, mods, evals)
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+            for step in range(steps):
+                caps = _teacher(model, mods, batches[step % len(batches)])
+                loss = sum(_layer_mse(m, c) for m, c in zip(mods, caps)) / len(mods)
+                opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+            after = _eval_mse(model, mods, evals)
     finally:
         for p in model.parameters(): p.requires_grad_(grads.get(id(p), p.requires_grad))
         model.train(was_training)
@@ -520,3 +538,52 @@ def load_linear_attention(path, **kwargs):
         raise ValueError(f"load_linear_attention: {f} field model_type is {rec.get('model_type')!r} and field linear_attention is "
                          f"{rec.get('linear_attention')!r}: not a model saved by save_linear_attention")
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+# %% ../../nbs/10c_patches_linear_attention.ipynb #feca42c8
+LA_FILE = 'linear_attention.safetensors'
+
+def _la_named(model) -> dict:
+    "`layers.<i>.<name>` -> parameter, for the parameters the patch adds (the q/k/v/o projections excluded)."
+    return {f"layers.{m.layer_idx}.{n}": p for m in linear_attention_modules(model)
+            for n, p in m.named_parameters() if not n.split('.')[0].endswith('_proj')}
+
+def linear_attention_state_dict(model) -> dict:
+    "The feature maps, decays and token-shift mixes of `model`, keyed `layers.<i>.<name>`, as CPU tensors."
+    return {k: p.detach().cpu().contiguous() for k, p in _la_named(model).items()}
+
+_RECORD_FIELDS = ('layers', 'window', 'feature_dim', 'token_shift')  # what must match (chunk_size changes no parameter)
+
+def save_linear_attention_params(model, folder) -> Path:
+    "Write the patch's own parameters and its record to `folder/linear_attention.safetensors`; returns the file."
+    from safetensors.torch import save_file
+    rec, sd = getattr(model.config, 'linear_attention', None), linear_attention_state_dict(model)
+    if not rec or not sd: raise ValueError("save_linear_attention_params: the model has no linear-attention layers (run apply_linear_attention first)")
+    f = Path(folder) / LA_FILE
+    f.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(f), metadata={'format': 'pt', 'linear_attention': json.dumps(rec, sort_keys=True)})
+    return f
+
+def load_linear_attention_params(model, path) -> int:
+    "Copy the parameters saved by `save_linear_attention_params` (`path`: the file or its folder) into `model`; returns the values copied."
+    from safetensors import safe_open
+    f = Path(path)
+    if f.is_dir(): f = f / LA_FILE
+    if not f.is_file(): raise FileNotFoundError(f"{f}: no saved linear-attention parameters")
+    try:
+        with safe_open(str(f), 'pt') as h: meta, sd = h.metadata() or {}, {k: h.get_tensor(k) for k in h.keys()}
+        rec = json.loads(meta.get('linear_attention', 'null'))
+    except Exception as e: raise ValueError(f"{f}: not a readable linear_attention.safetensors ({type(e).__name__}: {e})") from None
+    have = getattr(model.config, 'linear_attention', None)
+    if not have: raise ValueError(f"{f}: the model has no linear-attention layers (apply_linear_attention first, with the saved record {rec})")
+    if not isinstance(rec, dict): raise ValueError(f"{f}: field linear_attention (metadata) is missing: not written by save_linear_attention_params")
+    for k in _RECORD_FIELDS:
+        if rec.get(k) != have.get(k): raise ValueError(f"{f}: field {k} is {rec.get(k)!r} but the model was patched with {have.get(k)!r}")
+    own = _la_named(model)
+    for k in sorted(set(own) | set(sd)):
+        if k not in sd: raise ValueError(f"{f}: entry {k} is missing")
+        if k not in own: raise ValueError(f"{f}: entry {k} has no parameter in the model")
+        if tuple(sd[k].shape) != tuple(own[k].shape):
+            raise ValueError(f"{f}: entry {k} has shape {tuple(sd[k].shape)}, the model's parameter {tuple(own[k].shape)}")
+    with torch.no_grad():
+        for k, p in own.items(): p.copy_(sd[k].to(device=p.device, dtype=p.dtype))
+    return sum(t.numel() for t in sd.values())
