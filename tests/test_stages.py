@@ -216,3 +216,95 @@ def test_non_finite_loss_stops_the_stage_and_keeps_the_last_good_checkpoint(tmp_
     assert not (rd / 'stages' / '0-sft' / 'checkpoints' / f'checkpoint-{step}' / 'COMPLETE').exists()
     w = load_file(str(ck / 'adapter_model.safetensors'))
     assert all(torch.isfinite(t).all() for t in w.values())
+
+# --- use_rwkv: the trained linear attention travels with every adapter and survives a resume ----------------------------
+RWKV = dict(use_rwkv=True, rwkv_transfer_steps=15)
+PROBE = [[5 + (7 * i + 3 * j) % 400 for j in range(24)] for i in range(2)]  # token ids for comparing logits
+
+def _logits(model):
+    "Logits on PROBE in eval mode (4-bit layers kept off bitsandbytes' repacked CPU kernel, whose numbers differ by ~5e-3)."
+    import torch
+    from typhoon_nb.patches.linear_attention import _no_cpu_4bit_repacking
+    was = model.training; model.eval()
+    with torch.no_grad(), _no_cpu_4bit_repacking(model):
+        out = model(input_ids=torch.tensor(PROBE, device=model.device), use_cache=False).logits.float().cpu()
+    model.train(was)
+    return out
+
+def _la_params(model) -> list:
+    "The linear-attention parameters (feature maps, decays) of `model`, in layer order, as CPU float32 copies."
+    from typhoon_nb.patches.linear_attention import linear_attention_modules
+    return [p.detach().float().cpu().clone() for m in linear_attention_modules(model) for p in m.transfer_parameters()]
+
+def _max_diff(a, b) -> float: return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+@pytest.mark.parametrize('quant', ['none', '4bit'])
+def test_rwkv_final_reloads_as_the_trained_model(tmp_path, monkeypatch, quant):
+    "Loading final/ as typhoon_nb loads a run (patched base + adapter) gives the trained model's logits, transfer included."
+    import torch
+    from typhoon_nb import adapters
+    from typhoon_nb.stages import run, _load
+    seen, save = {}, adapters.save_adapter
+    def spy(model, folder, *a, **k):
+        if '.tmp-final' in str(folder):
+            # 4-bit: the trained model holds its LoRA weights in bf16 and the reloaded one the same values in fp32; compute
+            # both in fp32 so that the comparison sees what final/ carries, not the precision of the LoRA matmuls
+            for n, p in model.named_parameters():
+                if 'lora_' in n and p.dtype != torch.float32: p.data = p.data.float()
+            seen['logits'], seen['la'] = _logits(model), _la_params(model)
+        return save(model, folder, *a, **k)
+    monkeypatch.setattr(adapters, 'save_adapter', spy)
+    cfg = micro_cfg(tmp_path, [SFT | {'max_steps': 2, 'eval_samples': 0}], quantization=quant, **RWKV)
+    res = run(cfg, progress=False, verbose=False)
+    model, *_ = _load(res.config, Path(res.run_dir) / 'final')
+    assert _max_diff(_la_params(model), seen['la']) == 0.0  # the transferred feature maps and decays came back
+    err = float((_logits(model) - seen['logits']).abs().max())
+    assert err < 1e-5, err
+
+def _killed_run(cfg, kill_stage):
+    "Run `cfg` in a forked process that SIGKILLs itself as it starts writing `kill_stage`'s adapter (that stage not done)."
+    import multiprocessing as mp
+    def job():
+        import torch
+        from typhoon_nb import adapters
+        from typhoon_nb.stages import run
+        torch.set_num_threads(1)
+        save = adapters.save_adapter
+        def save_adapter(model, folder, *a, **k):
+            if f'-{kill_stage}/.tmp-adapter' in str(folder): os.kill(os.getpid(), signal.SIGKILL)
+            return save(model, folder, *a, **k)
+        adapters.save_adapter = save_adapter
+        run(cfg, progress=False, verbose=False)
+    p = mp.get_context('fork').Process(target=job, daemon=True); p.start(); p.join(300)
+    assert p.exitcode == -signal.SIGKILL, p.exitcode
+
+def test_rwkv_resume_after_the_first_stage_matches_uninterrupted(tmp_path, monkeypatch):
+    """use_rwkv, SFT -> DPO, killed after SFT finished: the resumed run ends with the uninterrupted run's weights and metrics,
+    and the DPO reference carries the transferred feature maps."""
+    from safetensors.torch import load_file
+    from typhoon_nb import stages
+    stg = [SFT | {'max_steps': 2}, DPO | {'max_steps': 2}]
+    full_cfg, cut_cfg = (micro_cfg(tmp_path, stg, run_name=n, **RWKV) for n in ('full', 'cut'))
+    _killed_run(cut_cfg, 'dpo')
+    cut = tmp_path / 'runs' / 'cut'
+    man = json.loads((cut / 'manifest.json').read_text())
+    assert man['stages']['sft']['status'] == 'done' and man['stages']['dpo']['status'] == 'running'
+    refs, build = {}, stages.build_trainer
+    def spy(cfg, stage, model, *a, **k):
+        tr = build(cfg, stage, model, *a, **k)
+        if stage.kind == 'dpo': refs[cfg.run_name] = _la_params(tr.ref_model if tr.ref_model is not None else tr.model)
+        return tr
+    monkeypatch.setattr(stages, 'build_trainer', spy)
+    full = stages.run(full_cfg, progress=False, verbose=False)
+    stages.run(RunConfig(resume=str(cut), output_dir=str(cut.parent)), progress=False, verbose=False)
+    a, b = (json.loads((Path(d) / 'summary.json').read_text()) for d in (full.run_dir, cut))
+    assert b['status'] == 'done'
+    for st in ('sft', 'dpo'):
+        for k, v in a['stages'][st].items():
+            if k.endswith(('_before', '_after')): assert b['stages'][st][k] == pytest.approx(v, abs=1e-6), (st, k)
+        assert b['stages'][st]['steps'] == a['stages'][st]['steps']
+    wa, wb = (load_file(str(Path(d) / 'final' / 'adapter_model.safetensors')) for d in (full.run_dir, cut))
+    assert set(wa) == set(wb) and max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6
+    assert _max_diff(refs['cut'], refs['full']) == 0.0  # the resumed DPO reference has the transferred feature maps
+    m0, *_ = stages._load(full.config, Path(full.run_dir) / 'final')
+    assert _max_diff(refs['full'], _la_params(m0)) == 0.0  # which are the ones final/ carries

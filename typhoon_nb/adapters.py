@@ -221,7 +221,7 @@ def _lora_state_dict(model) -> dict:
     return {f'base_model.model.{k}': v.detach().cpu().contiguous() for k, v in sd.items()}
 
 def save_adapter(model, path) -> Path:
-    "Save the adapters of `model` under `path`: a vanilla PEFT folder, or `lora/` + `prefix/` for `both`."
+    "Save the adapters of `model` under `path`: a vanilla PEFT folder, or `lora/` + `prefix/` for `both` (+ `linear_attention.safetensors` for a linear-attention model)."
     from safetensors.torch import save_file
     path, method = Path(path), adapter_method(model)
     if method == 'full' or not hasattr(model, 'save_pretrained') or not hasattr(model, 'peft_config'):
@@ -235,6 +235,9 @@ def save_adapter(model, path) -> Path:
     else: model.save_pretrained(path)
     parts = ['lora', 'prefix'] if method == 'both' else [method]
     (path/MARKER).write_text(json.dumps({'method': method, 'parts': parts}, indent=1))
+    if getattr(getattr(model, 'config', None), 'linear_attention', None):  # use_rwkv: the trained feature maps and decays are in the base
+        from .patches.linear_attention import save_linear_attention_params
+        save_linear_attention_params(model, path)
     return path
 
 def _unfreeze_prefix(model):
@@ -250,6 +253,9 @@ def load_adapter(base_model, path, is_trainable:bool=False):
         except (ValueError, KeyError) as e: raise ValueError(f"{path/MARKER}: not a valid adapter marker ({e!r})") from None
     elif (path/'adapter_config.json').exists(): method = 'vanilla'
     else: raise FileNotFoundError(f"{path}: no adapter here (expected {MARKER} or adapter_config.json)")
+    if (path/'linear_attention.safetensors').exists():  # saved beside the adapter of a linear-attention (use_rwkv) model
+        from .patches.linear_attention import load_linear_attention_params
+        load_linear_attention_params(base_model, path)
     if method != 'both':
         cfg = json.loads((path/'adapter_config.json').read_text()) if (path/'adapter_config.json').exists() else {}
         prompt = cfg.get('peft_type') == 'PREFIX_TUNING'  # PEFT loads prompt learning frozen only; unfreeze after

@@ -12,12 +12,12 @@ from typing import Callable, Optional
 from .config import RunConfig, StageConfig, ConfigError, stage_view
 
 # %% auto #0
-__all__ = ['COMPLETE', 'STAGING', 'RunError', 'StageResult', 'RunResult', 'write_json', 'stage_dir', 'prepare_run_dir', 'rank',
-           'world_size', 'is_main', 'init_distributed', 'barrier', 'attach_run_dir', 'MetricsLogger', 'StopControl',
-           'NonFiniteGuard', 'checkpoint_files', 'mark_complete', 'verify_checkpoint', 'last_complete_checkpoint',
-           'refuse_pickle_weights', 'atomic_dir', 'atomic_checkpoints', 'train_or_restore', 'build_trainer',
-           'dpo_reference_context', 'load_all_data', 'attention_transfer_stage', 'run', 'read_metrics', 'plot_run',
-           'demo_checks', 'demo']
+__all__ = ['COMPLETE', 'STAGING', 'TRANSFER_DIR', 'RunError', 'StageResult', 'RunResult', 'write_json', 'stage_dir',
+           'prepare_run_dir', 'rank', 'world_size', 'is_main', 'init_distributed', 'barrier', 'attach_run_dir',
+           'MetricsLogger', 'StopControl', 'NonFiniteGuard', 'checkpoint_files', 'mark_complete', 'verify_checkpoint',
+           'last_complete_checkpoint', 'refuse_pickle_weights', 'atomic_dir', 'atomic_checkpoints', 'train_or_restore',
+           'build_trainer', 'dpo_reference_context', 'load_all_data', 'attention_transfer_stage', 'restore_or_transfer',
+           'run', 'read_metrics', 'plot_run', 'demo_checks', 'demo']
 
 # %% ../nbs/06_stages.ipynb #97765313
 class RunError(RuntimeError):
@@ -540,6 +540,9 @@ def _load(cfg, done_adapter:Optional[Path]):
     if done_adapter is not None:
         refuse_pickle_weights(done_adapter, cfg.allow_pickle, 'adapter')
         model = load_adapter(model, done_adapter, is_trainable=True); adapter_report = None
+        if cfg.use_rwkv and not (Path(done_adapter) / 'linear_attention.safetensors').is_file():
+            raise RunError(f"resume: {done_adapter} has no linear_attention.safetensors, so the feature maps and decays that "
+                           f"attention transfer trained (use_rwkv) cannot be restored with it; start the run again")
     elif cfg.peft_method == 'full': adapter_report = None
     else: model, adapter_report = apply_peft(model, cfg, train_embeddings=_embeddings_train(cfg))
     return model, tokenizer, load_report, adapter_report
@@ -559,6 +562,27 @@ def attention_transfer_stage(cfg, model, tokenizer, sd) -> dict:
     texts = _texts(sd, tokenizer)
     res = transfer_stage(model, tokenizer, texts, steps=cfg.rwkv_transfer_steps, lr=1e-2, max_length=128)
     return {k: v for k, v in res.items() if isinstance(v, (int, float, str))}
+
+TRANSFER_DIR = 'attention_transfer'
+
+def restore_or_transfer(cfg, run_dir, model, tokenizer, sd, record:Optional[dict]=None, resumed_from:Optional[Path]=None) -> dict:
+    """`use_rwkv`: run the attention transfer and save what it trained under `attention_transfer/`, or, when the manifest
+    `record` says it is done, restore it from there; after a finished stage (`resumed_from`) its adapter brought it back."""
+    from .patches.linear_attention import LA_FILE, load_linear_attention_params, save_linear_attention_params
+    record, f = dict(record or {}), Path(run_dir) / TRANSFER_DIR / LA_FILE
+    if resumed_from is not None: return record  # restored by load_adapter with the stage's adapter
+    if record.get('status') == 'done':
+        if not f.is_file():
+            raise RunError(f"resume: the manifest records the attention transfer as done, but {f} is missing: the trained "
+                           f"feature maps and decays cannot be restored; start the run again")
+        load_linear_attention_params(model, f)
+        return record | {'restored': record.get('restored', 0) + 1}
+    if cfg.rwkv_transfer_steps <= 0: return {'status': 'skipped', 'reason': 'rwkv_transfer_steps is 0'}
+    res = attention_transfer_stage(cfg, model, tokenizer, sd)
+    if is_main():
+        with atomic_dir(f.parent, 'attention-transfer parameters') as tmp: save_linear_attention_params(model, tmp)
+    barrier()
+    return res | {'status': 'done', 'params': f"{TRANSFER_DIR}/{LA_FILE}"}
 
 # %% ../nbs/06_stages.ipynb #af6c56ee
 def run(cfg:RunConfig, progress:bool=True, listener:Optional[Callable]=None, stop_event=None, verbose:bool=True) -> RunResult:
@@ -611,9 +635,13 @@ def run(cfg:RunConfig, progress:bool=True, listener:Optional[Callable]=None, sto
             manifest.setdefault('notes', []).append(f"train_embeddings is ignored with peft_method {cfg.peft_method}: "
                                                     "prefix tuning keeps the embeddings and LM head frozen")
             say('note: ' + manifest['notes'][-1])
-        if cfg.use_rwkv and last_done is None and cfg.rwkv_transfer_steps > 0:
-            manifest['attention_transfer'] = attention_transfer_stage(cfg, model, tokenizer, datas[0])
-            say(f"attention transfer: output MSE {manifest['attention_transfer']['mse_before']:.3g} -> {manifest['attention_transfer']['mse_after']:.3g}")
+        if cfg.use_rwkv:
+            at = manifest['attention_transfer'] = restore_or_transfer(cfg, run_dir, model, tokenizer, datas[0],
+                                                                      manifest.get('attention_transfer'), last_done)
+            save_manifest()
+            if 'mse_after' in at:
+                say(f"attention transfer{' (restored)' if at.get('restored') or last_done else ''}: output MSE "
+                    f"{at['mse_before']:.3g} -> {at['mse_after']:.3g}")
         if verbose and adapter_report is not None: say(adapter_report)
         # 3. stages
         for i, (stage, sd, r) in enumerate(zip(cfg.stages, datas, results)):
