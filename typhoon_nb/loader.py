@@ -13,9 +13,9 @@ from .config import RunConfig
 # %% auto #0
 __all__ = ['log', 'PRECISIONS', 'CHAT_TEMPLATE', 'EMBEDDED', 'SUPPORTED', 'RECIPES', 'SPECIAL_TOKENS', 'LoaderError', 'cpu_flags',
            'resolve_precision', 'prepare_tokenizer', 'load_tokenizer', 'hub_offline', 'resolve_model_path',
-           'check_safetensors', 'check_model_folder', 'quantization_config', 'quantize_in_place', 'quantized_layers',
-           'model_bytes', 'LoadReport', 'make_report', 'load_model', 'general_thai_text', 'train_tokenizer',
-           'recipe_key', 'cache_root', 'tiny_typhoon']
+           'check_safetensors', 'check_model_folder', 'quantization_config', 'quantize_in_place', 'keep_4bit_trainable',
+           'quantized_layers', 'model_bytes', 'LoadReport', 'make_report', 'load_model', 'general_thai_text',
+           'train_tokenizer', 'recipe_key', 'cache_root', 'tiny_typhoon']
 
 # %% ../nbs/02_loader.ipynb #e4818bd5
 class LoaderError(ValueError):
@@ -225,7 +225,27 @@ def quantize_in_place(model, bnb_config, device='cpu'):
     model.to(device)
     model.is_quantized, model.quantization_method, model.hf_quantizer = True, bnb_config.quant_method, hfq
     hfq.postprocess_model(model)
+    keep_4bit_trainable(model)
     return model
+
+def keep_4bit_trainable(model):
+    """Keep the bitsandbytes 4-bit layers of `model` differentiable on CPU; return the number of layers changed.
+
+    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for an inference kernel the first time the layer
+    runs in eval mode without gradients (an evaluation, a generation), and keeps it that way: from then on no
+    gradient flows back through the layer to its input, so every later training step of a QLoRA model updates the
+    adapters with the gradients of the layers above the adapter paths only. We unpack such weights and switch the
+    repacking off (generation uses the default 4-bit kernel)."""
+    n = 0
+    for m in model.modules():
+        if not getattr(m, 'support_avx512bf16_for_cpu', False): continue
+        qs = getattr(m.weight, 'quant_state', None)
+        if getattr(qs, 'packing_format_for_cpu', False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data, qs)
+        m.support_avx512bf16_for_cpu = False
+        n += 1
+    return n
 
 # %% ../nbs/02_loader.ipynb #a37d9c70
 def _qstate_bytes(w) -> dict:
@@ -364,6 +384,7 @@ def load_model(cfg:RunConfig, # model, precision, quantization, trust_remote_cod
         if isinstance(out, tuple): model, patches = out[0], list(out[1] or [])
         else: patches = list(out or [])
     if bnb_config is not None and not direct: quantize_in_place(model, bnb_config, dev)
+    elif direct: keep_4bit_trainable(model)
     model.eval()
     rep = make_report(model, cfg, folder, dtype, reason, tok.typhoon_notes, patches, time.time() - t0)
     return model, tok, rep
