@@ -308,3 +308,68 @@ def test_rwkv_resume_after_the_first_stage_matches_uninterrupted(tmp_path, monke
     assert _max_diff(refs['cut'], refs['full']) == 0.0  # the resumed DPO reference has the transferred feature maps
     m0, *_ = stages._load(full.config, Path(full.run_dir) / 'final')
     assert _max_diff(refs['full'], _la_params(m0)) == 0.0  # which are the ones final/ carries
+
+# --- full fine-tuning: resume after a finished stage, final/ reload --------------------------------------------------------
+def _stop_at_first(stage):
+    "A listener that interrupts the run at `stage`'s first logged training step (the stages before it are done)."
+    def listener(rec):
+        if rec['stage'] == stage and 'loss' in rec: raise KeyboardInterrupt(f'stopped by the test at {stage} step {rec["step"]}')
+    return listener
+
+def test_full_resume_after_sft_matches_uninterrupted(tmp_path, monkeypatch):
+    """peft_method full, SFT -> DPO, interrupted at DPO's first step: the resumed run reloads the SFT weights, ends with the
+    uninterrupted run's metrics and weights, its DPO reference is the SFT model (step-0 loss ln 2), and final/ reloads to
+    the trained model's logits."""
+    from safetensors.torch import load_file
+    from typhoon_nb import stages
+    stg = [SFT | {'max_steps': 3}, DPO | {'max_steps': 2}]
+    full_cfg, cut_cfg = (micro_cfg(tmp_path, stg, run_name=n, peft_method='full') for n in ('full', 'cut'))
+    with pytest.raises(KeyboardInterrupt): stages.run(cut_cfg, progress=False, listener=_stop_at_first('dpo'), verbose=False)
+    cut = tmp_path / 'runs' / 'cut'
+    man = json.loads((cut / 'manifest.json').read_text())
+    assert man['stages']['sft']['status'] == 'done' and man['stages']['dpo']['status'] == 'failed'
+    models, build = {}, stages.build_trainer
+    def spy(cfg, stage, model, *a, **k):
+        if stage.kind == 'dpo': models[cfg.run_name] = model
+        return build(cfg, stage, model, *a, **k)
+    monkeypatch.setattr(stages, 'build_trainer', spy)
+    full = stages.run(full_cfg, progress=False, verbose=False)
+    res = stages.run(RunConfig(resume=str(cut), output_dir=str(cut.parent)), progress=False, verbose=False)
+    a, b = (json.loads((Path(d) / 'summary.json').read_text()) for d in (full.run_dir, cut))
+    assert res.status == 'done' and b['status'] == 'done'
+    for st in ('sft', 'dpo'):
+        for k, v in a['stages'][st].items():
+            if k.endswith(('_before', '_after')): assert b['stages'][st][k] == pytest.approx(v, abs=1e-6), (st, k)
+        assert b['stages'][st]['steps'] == a['stages'][st]['steps']
+    losses = lambda d: [r['loss'] for r in stage_logs(d, 'dpo') if 'loss' in r]
+    assert losses(cut)[-len(losses(full.run_dir)):] == pytest.approx(losses(full.run_dir), abs=1e-6)
+    first = [r for r in stage_logs(cut, 'dpo') if 'loss' in r][-2]  # the resumed DPO's step 1
+    assert first['step'] == 1 and abs(first['loss'] - math.log(2)) < 1e-3, first
+    assert abs(first['rewards/margins']) < 1e-4, first
+    wa, wb = (load_file(str(Path(d) / 'final' / 'model.safetensors')) for d in (full.run_dir, cut))
+    assert set(wa) == set(wb) and max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-6
+    m, *_ = stages._load(full.config, Path(full.run_dir) / 'final')
+    err = float((_logits(m) - _logits(models['full'])).abs().max())
+    assert err < 1e-5, err
+
+def test_4bit_fp32_adapters_stay_fp32_and_final_reloads(tmp_path, monkeypatch):
+    """quantization 4bit, precision fp32: TRL's trainers cast QLoRA adapters to bf16, the run puts them back in fp32, so the
+    trained adapters are fp32 and final/ reloads to the trained model's logits within 1e-5."""
+    import torch
+    from safetensors import safe_open
+    from typhoon_nb import stages
+    models, build = {}, stages.build_trainer
+    def spy(cfg, stage, model, *a, **k):
+        tr = build(cfg, stage, model, *a, **k); models[stage.kind] = tr.model
+        return tr
+    monkeypatch.setattr(stages, 'build_trainer', spy)
+    cfg = micro_cfg(tmp_path, [SFT | {'max_steps': 2, 'eval_samples': 0}, DPO | {'max_steps': 2, 'eval_samples': 0}],
+                    quantization='4bit', precision='fp32')
+    res = stages.run(cfg, progress=False, verbose=False)
+    m = models['dpo']
+    assert {p.dtype for n, p in m.named_parameters() if 'lora_' in n} == {torch.float32}
+    with safe_open(str(Path(res.run_dir) / 'final' / 'adapter_model.safetensors'), 'pt') as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {'F32'}
+    r, *_ = stages._load(res.config, Path(res.run_dir) / 'final')
+    err = float((_logits(r) - _logits(m)).abs().max())
+    assert err < 1e-5, err

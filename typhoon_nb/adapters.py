@@ -13,8 +13,8 @@ from .config import ConfigError, RunConfig
 # %% auto #0
 __all__ = ['PEFT_METHODS', 'MARKER', 'quantization_of', 'trainable_parts', 'AdapterReport', 'adapter_report',
            'linear_module_names', 'check_peft_settings', 'lora_config', 'fused_experts', 'prefix_config', 'apply_peft',
-           'fix_prefix_generation', 'adapter_method', 'save_adapter', 'load_adapter', 'merge_and_save',
-           'frozen_reference', 'embedding_module_names', 'set_embedding_training']
+           'fix_prefix_generation', 'adapter_method', 'save_adapter', 'match_saved_dtypes', 'load_adapter',
+           'merge_and_save', 'frozen_reference', 'embedding_module_names', 'set_embedding_training']
 
 # %% ../nbs/03_adapters.ipynb #e27bb162
 PEFT_METHODS = ('lora', 'prefix', 'both', 'full')
@@ -244,8 +244,36 @@ def _unfreeze_prefix(model):
     for n, p in model.named_parameters():
         if 'prompt_encoder' in n: p.requires_grad_(True)
 
+def _norm_key(k:str) -> str:
+    "A parameter name or saved key without PEFT's wrapper prefixes and adapter name (what both have in common)."
+    while k.startswith('base_model.model.'): k = k[len('base_model.model.'):]
+    return k.replace('.default.', '.')
+
+def _saved_dtypes(path) -> dict:
+    "Normalized key -> torch dtype of every tensor in the adapter files under `path` (read from the headers only)."
+    import torch
+    from safetensors import safe_open
+    names, out = {'F32': torch.float32, 'BF16': torch.bfloat16, 'F16': torch.float16, 'F64': torch.float64}, {}
+    for f in Path(path).rglob('adapter_model.safetensors'):
+        with safe_open(str(f), 'pt') as sf:
+            for k in sf.keys():
+                d = names.get(sf.get_slice(k).get_dtype())
+                if d is not None: out[_norm_key(k)] = d
+    return out
+
+def match_saved_dtypes(model, path) -> int:
+    """Give the adapter weights of `model` the dtype they were saved in under `path` (PEFT upcasts them to fp32 on load:
+    bf16 QLoRA adapters, as TRL trains them, would then compute in fp32 and the reloaded model differ from the trained one);
+    the number of tensors cast."""
+    saved, n = _saved_dtypes(path), 0
+    for name, p in model.named_parameters():
+        d = saved.get(_norm_key(name))
+        if d is not None and p.is_floating_point() and p.dtype != d: p.data = p.data.to(d); n += 1
+    return n
+
 def load_adapter(base_model, path, is_trainable:bool=False):
-    "Put the adapters saved under `path` (by `save_adapter`, or any vanilla PEFT folder) on `base_model`."
+    """Put the adapters saved under `path` (by `save_adapter`, or any vanilla PEFT folder) on `base_model`, each weight in
+    the dtype it was saved in."""
     from peft import PeftModel
     path = Path(path)
     if (path/MARKER).exists():
@@ -261,12 +289,14 @@ def load_adapter(base_model, path, is_trainable:bool=False):
         prompt = cfg.get('peft_type') == 'PREFIX_TUNING'  # PEFT loads prompt learning frozen only; unfreeze after
         model = PeftModel.from_pretrained(base_model, path, is_trainable=is_trainable and not prompt)
         if prompt and is_trainable: _unfreeze_prefix(model)
+        match_saved_dtypes(model, path)
         return fix_prefix_generation(model)
     for part in ('lora', 'prefix'):
         if not (path/part/'adapter_config.json').exists(): raise FileNotFoundError(f"{path/part/'adapter_config.json'}: missing part of a 'both' adapter")
     inner = PeftModel.from_pretrained(base_model, path/'lora', is_trainable=is_trainable).base_model.model
     model = _quiet(PeftModel.from_pretrained, inner, path/'prefix')
     if is_trainable: _unfreeze_lora(model); _unfreeze_prefix(model)
+    match_saved_dtypes(model, path)
     return fix_prefix_generation(model)
 
 # %% ../nbs/03_adapters.ipynb #eb239aab
@@ -331,9 +361,21 @@ def merge_and_save(model, path, dtype=None, tokenizer=None) -> Path:
     return path
 
 # %% ../nbs/03_adapters.ipynb #501cb170
+def _trainer_forward_patch(f) -> bool:
+    "Whether `f` (an instance-level `forward`) was put there by TRL (fused LM head) or accelerate (autocast)."
+    code = getattr(getattr(f, '__func__', f), '__code__', None)
+    return code is not None and any(s in code.co_filename.replace('\\', '/') for s in ('/trl/', '/accelerate/'))
+
 def frozen_reference(model):
-    "A frozen, eval-mode deep copy of `model` as it is now (adapters included), e.g. a DPO reference."
+    """A frozen, eval-mode deep copy of `model` as it is now (adapters included), e.g. a DPO reference.
+
+    A trainer that has seen `model` leaves instance-level `forward` wrappers on it (TRL's fused LM head, accelerate's
+    autocast) that call the *original* model's forward from a closure: a deep copy keeps them, so the copy would compute
+    with the live, training weights. The copy drops them and uses its class's forward."""
     ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if _trainer_forward_patch(m.__dict__.get('forward')): del m.forward
+        if _trainer_forward_patch(m.__dict__.get('_original_forward')): del m._original_forward
     ref.eval()
     ref.requires_grad_(False)
     return ref

@@ -16,8 +16,8 @@ __all__ = ['COMPLETE', 'STAGING', 'TRANSFER_DIR', 'RunError', 'StageResult', 'Ru
            'prepare_run_dir', 'rank', 'world_size', 'is_main', 'init_distributed', 'barrier', 'attach_run_dir',
            'MetricsLogger', 'StopControl', 'NonFiniteGuard', 'checkpoint_files', 'mark_complete', 'verify_checkpoint',
            'last_complete_checkpoint', 'refuse_pickle_weights', 'atomic_dir', 'atomic_checkpoints', 'train_or_restore',
-           'build_trainer', 'dpo_reference_context', 'load_all_data', 'attention_transfer_stage', 'restore_or_transfer',
-           'run', 'read_metrics', 'plot_run', 'demo_checks', 'demo']
+           'keep_adapter_dtype', 'build_trainer', 'dpo_reference_context', 'load_all_data', 'load_full_weights',
+           'attention_transfer_stage', 'restore_or_transfer', 'run', 'read_metrics', 'plot_run', 'demo_checks', 'demo']
 
 # %% ../nbs/06_stages.ipynb #97765313
 class RunError(RuntimeError):
@@ -405,6 +405,25 @@ def _only(cls, kw):
     return {k: v for k, v in kw.items() if k in names}
 
 # %% ../nbs/06_stages.ipynb #cb6b54ce
+def _fp32_compute(model) -> bool:
+    "Whether `model` computes in float32 (a 4-bit base: its compute dtype; else the dtype of its weights)."
+    import torch
+    q = getattr(getattr(model, 'config', None), 'quantization_config', None)
+    c = getattr(q, 'bnb_4bit_compute_dtype', None) if getattr(q, 'load_in_4bit', False) else None
+    if isinstance(c, str): c = getattr(torch, c, None)
+    return (c or getattr(model, 'dtype', None)) == torch.float32
+
+def keep_adapter_dtype(model, before:dict) -> int:
+    """TRL's SFT and DPO trainers cast every trainable weight of a quantized model to bf16 (the QLoRA paper's recipe).
+    A run in fp32 keeps its adapters in fp32: put back the dtypes `before` (name -> dtype) that TRL changed; a bf16 / fp16
+    run keeps TRL's bf16 adapters by design (and `load_adapter` reloads them in the dtype they were saved in)."""
+    if not _fp32_compute(model): return 0
+    n = 0
+    for name, p in model.named_parameters():
+        d = before.get(name)
+        if d is not None and p.dtype != d: p.data = p.data.to(d); n += 1
+    return n
+
 def build_trainer(cfg, stage, model, tokenizer, train_ds, out_dir, callbacks=(), progress=True):
     "The HF / TRL trainer of `stage`, configured from `cfg` (refinements) and the stage's settings."
     from .refinements import make_optimizer
@@ -420,15 +439,19 @@ def build_trainer(cfg, stage, model, tokenizer, train_ds, out_dir, callbacks=(),
         return Trainer(model=model, args=args, train_dataset=packed, processing_class=tokenizer,
                        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
                        optimizers=(opt, None), callbacks=list(callbacks))
+    dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
     if stage.kind == 'sft':
         from trl import SFTConfig, SFTTrainer
         args = SFTConfig(**_only(SFTConfig, kw))
-        return SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
-                          optimizers=(opt, None), callbacks=list(callbacks))
+        tr = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
+                        optimizers=(opt, None), callbacks=list(callbacks))
+        keep_adapter_dtype(model, dtypes)
+        return tr
     from trl import DPOConfig, DPOTrainer
     args = DPOConfig(**_only(DPOConfig, kw))
     tr = DPOTrainer(model=model, ref_model=_dpo_ref_model(model, stage), args=args, train_dataset=train_ds,
                     processing_class=tokenizer, optimizers=(opt, None), callbacks=list(callbacks))
+    keep_adapter_dtype(model, dtypes)
     _set_dpo_reference(tr, stage)
     return tr
 
@@ -460,10 +483,8 @@ def _install_ref_forward(ref):
 
 def _frozen_copy(model):
     "A frozen, evaluation-mode copy of a fully fine-tuned model as it enters DPO."
-    import copy
-    ref = copy.deepcopy(model).eval()
-    for p in ref.parameters(): p.requires_grad_(False)
-    return ref
+    from .adapters import frozen_reference
+    return frozen_reference(model)  # without the trainer's forward wrappers, which would call the live model
 
 def _dpo_ref_model(model, stage):
     "The `ref_model` to give TRL: None where TRL's own reference is right (LoRA: a frozen copy of the adapter), else a frozen copy."
@@ -530,14 +551,55 @@ def _embeddings_train(cfg) -> bool:
     "Whether some stage trains the embeddings and LM head (possible with lora and full; prefix tuning keeps them frozen)."
     return any(s.train_embeddings for s in cfg.stages) and cfg.peft_method in ('lora', 'full')
 
+def _tied_aliases(model) -> set:
+    "Parameter names that are a second name of another parameter (tied weights: one tensor, saved once)."
+    seen, out = {}, set()
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen: out |= {n, seen[id(p)]}
+        else: seen[id(p)] = n
+    return out
+
+def load_full_weights(model, folder) -> int:
+    """Put the weights that a full fine-tuning run saved under `folder` (`save_pretrained`) into `model`, built as the run
+    builds it (same patches); returns the number of tensors loaded. Checkpoints in the original layout (e.g. per-expert
+    MoE weights, which `save_pretrained` writes by default) are read back through transformers' own conversion."""
+    import torch
+    from safetensors.torch import load_file
+    folder = Path(folder)
+    files = sorted(f for f in folder.glob('*.safetensors') if f.name != 'linear_attention.safetensors')
+    if not files:
+        raise RunError(f"resume: {folder} holds no *.safetensors weights of a fully fine-tuned model (peft_method: full); "
+                       f"start the run again")
+    sd = {}
+    for f in files: sd.update(load_file(str(f)))
+    want, tied = set(model.state_dict()), _tied_aliases(model)
+    if not set(sd) <= want:  # the original (checkpoint) layout: let transformers convert it to the in-memory one
+        from transformers import AutoModelForCausalLM
+        try:
+            m2 = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype, use_safetensors=True, trust_remote_code=False)
+            sd = m2.state_dict(); del m2
+        except Exception as e:
+            raise RunError(f"resume: {folder}: the saved full weights do not load ({type(e).__name__}: {str(e)[:300]})") from None
+    missing, unexpected = sorted(want - set(sd) - tied), sorted(set(sd) - want)
+    if missing or unexpected:
+        raise RunError(f"resume: {folder}: the saved full weights do not fit the model of this run: "
+                       f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                       f"{'...' if len(unexpected) > 3 else ''}")
+    with torch.no_grad(): model.load_state_dict(sd, strict=False)
+    return len(sd)
+
 def _load(cfg, done_adapter:Optional[Path]):
-    "Model + tokenizer (+ patches) and the adapter: fresh, or restored from a finished stage's adapter."
+    """Model + tokenizer (+ patches) and the adapter: fresh, or restored from a finished stage's folder (its adapter, or
+    with `peft_method: full` all its weights)."""
     from .loader import load_model
     from .adapters import apply_peft, load_adapter
     from .patches.core import patch_model, patches_requested
     patch_fn = (lambda m: patch_model(m, cfg)) if patches_requested(cfg) else None
     model, tokenizer, load_report = load_model(cfg, patch_fn=patch_fn)
-    if done_adapter is not None:
+    if done_adapter is not None and cfg.peft_method == 'full':
+        refuse_pickle_weights(done_adapter, cfg.allow_pickle, 'stage weights')
+        load_full_weights(model, done_adapter); adapter_report = None  # linear-attention parameters (use_rwkv) included
+    elif done_adapter is not None:
         refuse_pickle_weights(done_adapter, cfg.allow_pickle, 'adapter')
         model = load_adapter(model, done_adapter, is_trainable=True); adapter_report = None
         if cfg.use_rwkv and not (Path(done_adapter) / 'linear_attention.safetensors').is_file():
