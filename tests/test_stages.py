@@ -373,3 +373,12 @@ def test_4bit_fp32_adapters_stay_fp32_and_final_reloads(tmp_path, monkeypatch):
     r, *_ = stages._load(res.config, Path(res.run_dir) / 'final')
     err = float((_logits(r) - _logits(m)).abs().max())
     assert err < 1e-5, err
+
+def test_4bit_stages_that_train_the_embeddings_complete(tmp_path):
+    "QLoRA (default precision) with train_embeddings in SFT and DPO: TRL's bf16 cast of the trained embedding / LM-head copies is undone, so evaluation runs."
+    from typhoon_nb.stages import run
+    cfg = micro_cfg(tmp_path, [SFT | {'max_steps': 2, 'train_embeddings': True}, DPO | {'max_steps': 1, 'train_embeddings': True}],
+                    quantization='4bit', precision='auto', run_name='emb4')
+    res = run(cfg, progress=False, verbose=False)
+    assert res.status == 'done' and [s.status for s in res.stages] == ['done', 'done'], res.summary
+    assert 0 <= res.summary['stages']['sft']['exact_match_after'] <= 1
