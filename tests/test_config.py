@@ -121,3 +121,9 @@ def test_readme_matches_index():
 @pytest.mark.parametrize('name', ['--', '../up', 'a/b', ' x', '.hidden'])
 def test_run_name_is_a_plain_folder_name(name):
     with pytest.raises(ConfigError, match='run_name: must be a plain folder name'): RunConfig.from_dict({'run_name': name})
+
+def test_nll_weight_is_checked():
+    from typhoon_nb.config import RunConfig, ConfigError
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.nll_weight: must be >= 0 \(0: plain DPO; RPO uses 1.0\), got -1"):
+        RunConfig.from_dict({'stages': [{'kind': 'dpo', 'data': 'demo:dpo', 'nll_weight': -1}]})
+    assert RunConfig().stages[-1].nll_weight == 1.0  # the demo's DPO stage keeps its answers' likelihood (RPO)

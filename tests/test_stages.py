@@ -382,3 +382,15 @@ def test_4bit_stages_that_train_the_embeddings_complete(tmp_path):
     res = run(cfg, progress=False, verbose=False)
     assert res.status == 'done' and [s.status for s in res.stages] == ['done', 'done'], res.summary
     assert 0 <= res.summary['stages']['sft']['exact_match_after'] <= 1
+
+def test_dpo_nll_weight_adds_the_chosen_nll(tmp_path):
+    "nll_weight w adds w x the chosen answers' NLL (TRL's sft loss) to DPO: at step 1 (policy = reference, DPO loss ln 2) the excess over ln 2 doubles with w."
+    from typhoon_nb.stages import run
+    first = {}
+    for w in (1.0, 2.0):
+        cfg = micro_cfg(tmp_path, [SFT | {'max_steps': 2}, DPO | {'max_steps': 1, 'nll_weight': w}], run_name=f'nll{w:g}')
+        res = run(cfg, progress=False, verbose=False)
+        first[w] = [r for r in stage_logs(res.run_dir, 'dpo') if 'loss' in r][0]
+    e1, e2 = first[1.0]['loss'] - math.log(2), first[2.0]['loss'] - math.log(2)
+    assert e1 > 0.1 and abs(e2 - 2 * e1) < 1e-3 * e1, (e1, e2)
+    assert abs(first[1.0]['rewards/margins']) < 1e-4

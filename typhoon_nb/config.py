@@ -39,6 +39,7 @@ class StageConfig:
     grad_accum: int = 1  # gradient accumulation steps
     max_length: int = 256  # tokens per sequence (block size when packing)
     beta: float = 0.1  # DPO temperature (dpo only)
+    nll_weight: float = 0.0  # dpo only: weight of an NLL (SFT) loss on the chosen answers added to the DPO loss (RPO; 0: plain DPO)
     reference: str = 'sft'  # DPO reference: sft (frozen copy of the SFT policy) | entering (frozen copy of what enters) | base (adapter off)
     train_embeddings: bool = False  # also train input embeddings and LM head (with lora or full; prefix / both keep them frozen, and the run says so)
     columns: dict = field(default_factory=dict)  # column mapping, e.g. {question: prompt, good: chosen, bad: rejected}
@@ -55,7 +56,8 @@ def _demo_stages():
     return [StageConfig(kind='pretrain', data='demo:pretrain', lr=2e-3, epochs=2.0, batch_size=8, max_length=128, save_steps=50,
                         train_embeddings=True),
             StageConfig(kind='sft', data='demo:sft', lr=2e-3, epochs=3.0, batch_size=16, max_length=96, save_steps=50),
-            StageConfig(kind='dpo', data='demo:dpo', lr=5e-4, epochs=1.0, batch_size=8, max_length=96, beta=0.1, save_steps=50)]
+            StageConfig(kind='dpo', data='demo:dpo', lr=1e-3, epochs=1.0, batch_size=8, max_length=96, beta=0.1, save_steps=50,
+                        nll_weight=1.0)]
 
 @dataclass
 class RunConfig:
@@ -250,6 +252,7 @@ def _check_stage(s:dict, i:int, problems:list, parse_strings:bool):
     for k in ('save_steps', 'eval_samples'):
         _range(problems, path, k, s.get(k), lambda v: v >= 0, 'must be >= 0')
     _range(problems, path, 'beta', s.get('beta'), lambda v: v > 0, 'must be > 0')
+    _range(problems, path, 'nll_weight', s.get('nll_weight'), lambda v: v >= 0, 'must be >= 0 (0: plain DPO; RPO uses 1.0)')
     if 'data' in s and (s['data'] is None or not str(s['data']).strip()) or 'data' not in s:
         problems.append(f"{path}data: every stage needs data (a file, folder, hub id, or demo:{s.get('kind', 'sft')})")
     if 'columns' in s and not all(isinstance(k, str) and isinstance(v, str) for k, v in s['columns'].items()):

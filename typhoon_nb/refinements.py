@@ -51,7 +51,9 @@ def trainer_kwargs(cfg:RunConfig, # the run
         kw |= dict(label_smoothing_factor=rv.label_smoothing, neftune_noise_alpha=rv.neftune_alpha,
                    max_length=stage.max_length, packing=rv.packing, padding_free=rv.packing,
                    completion_only_loss=rv.completion_only if stage.kind == 'sft' else False)
-    elif stage.kind == 'dpo': kw |= dict(beta=stage.beta, max_length=stage.max_length)
+    elif stage.kind == 'dpo':
+        kw |= dict(beta=stage.beta, max_length=stage.max_length)
+        if stage.nll_weight > 0: kw |= dict(loss_type=['sigmoid', 'sft'], loss_weights=[1.0, stage.nll_weight])  # RPO: TRL's own sft loss term
     else: args_class(stage)  # raises the error naming the stage
     names = {f.name for f in dataclasses.fields(args_cls)}
     if 'activation_checkpointing' not in names: kw['gradient_checkpointing'] = kw.pop('activation_checkpointing')  # older transformers
