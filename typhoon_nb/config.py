@@ -53,9 +53,10 @@ class StageConfig:
 
 # %% ../nbs/00_config.ipynb #2717af91
 def _demo_stages():
-    return [StageConfig(kind='pretrain', data='demo:pretrain', lr=2e-3, epochs=2.0, batch_size=8, max_length=128, save_steps=50,
+    return [StageConfig(kind='pretrain', data='demo:pretrain', lr=3e-3, epochs=1.0, batch_size=8, max_length=128, save_steps=50,
                         train_embeddings=True),
-            StageConfig(kind='sft', data='demo:sft', lr=2e-3, epochs=3.0, batch_size=16, max_length=96, save_steps=50),
+            StageConfig(kind='sft', data='demo:sft', lr=3e-3, epochs=12.0, batch_size=16, max_length=96, save_steps=100,
+                        train_embeddings=True, overrides={'lr_schedule': 'constant'}),
             StageConfig(kind='dpo', data='demo:dpo', lr=1e-3, epochs=1.0, batch_size=8, max_length=96, beta=0.1, save_steps=50,
                         nll_weight=1.0)]
 
