@@ -394,3 +394,18 @@ def test_dpo_nll_weight_adds_the_chosen_nll(tmp_path):
     e1, e2 = first[1.0]['loss'] - math.log(2), first[2.0]['loss'] - math.log(2)
     assert e1 > 0.1 and abs(e2 - 2 * e1) < 1e-3 * e1, (e1, e2)
     assert abs(first[1.0]['rewards/margins']) < 1e-4
+
+def test_qlora_adapters_train_in_fp32_so_weight_decay_acts(tmp_path):
+    "4-bit, default precision: the LoRA weights stay fp32 through TRL's trainer, and weight decay changes them (in bf16 its step rounded away)."
+    import torch
+    from safetensors.torch import load_file
+    w = {}
+    for wd in (0.0, 0.5):
+        cfg = micro_cfg(tmp_path, [SFT | {'max_steps': 3, 'eval_samples': 0}], quantization='4bit', precision='auto',
+                        weight_decay=wd, run_name=f'wd{wd:g}')
+        from typhoon_nb.stages import run
+        res = run(cfg, progress=False, verbose=False)
+        w[wd] = load_file(str(Path(res.run_dir) / 'final' / 'adapter_model.safetensors'))
+    assert all(t.dtype == torch.float32 for t in w[0.0].values())
+    diff = max(float((w[0.0][k] - w[0.5][k]).abs().max()) for k in w[0.0])
+    assert diff > 1e-6, diff

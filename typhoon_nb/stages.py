@@ -415,15 +415,15 @@ def _fp32_compute(model) -> bool:
 
 def keep_adapter_dtype(model, before:dict) -> int:
     """TRL's SFT and DPO trainers cast every trainable weight of a quantized model to bf16 (the QLoRA paper's recipe).
-    A run in fp32 keeps its adapters in fp32: put back the dtypes `before` (name -> dtype) that TRL changed; a bf16 / fp16
-    run keeps TRL's bf16 adapters by design (and `load_adapter` reloads them in the dtype they were saved in). Trained
-    copies of whole layers (`modules_to_save`: the embeddings and LM head with `train_embeddings`, an MoE router) always
-    get their dtype back: unlike LoRA layers they do not cast their input, and would fail on the model's fp32 activations."""
-    fp32 = _fp32_compute(model)
+    We put back the dtypes `before` (name -> dtype) that TRL changed, so the adapters train in fp32 master weights (the
+    bf16 compute of a bf16 run is unchanged: LoRA layers cast their input): in bf16 an update smaller than the weight's
+    rounding step is lost, which erased weight decay entirely (lr x wd per step) and the smallest Adam steps. Trained
+    copies of whole layers (`modules_to_save`: the embeddings and LM head with `train_embeddings`, an MoE router) would
+    also fail on the model's fp32 activations in bf16."""
     n = 0
     for name, p in model.named_parameters():
         d = before.get(name)
-        if d is not None and p.dtype != d and (fp32 or 'modules_to_save' in name): p.data = p.data.to(d); n += 1
+        if d is not None and p.dtype != d: p.data = p.data.to(d); n += 1
     return n
 
 def build_trainer(cfg, stage, model, tokenizer, train_ds, out_dir, callbacks=(), progress=True):
