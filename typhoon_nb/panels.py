@@ -80,12 +80,12 @@ SHOW_WHEN = {
     'completion_only': lambda v: any(s.get('kind') == 'sft' for s in v['stages']),
     'packing': lambda v: any(s.get('kind') in ('pretrain', 'sft') for s in v['stages']),
 }
-STAGE_SHOW_WHEN = {'beta': lambda s: s['kind'] == 'dpo', 'reference': lambda s: s['kind'] == 'dpo',
+STAGE_SHOW_WHEN = {'beta': lambda s: s['kind'] == 'dpo', 'nll_weight': lambda s: s['kind'] == 'dpo', 'reference': lambda s: s['kind'] == 'dpo',
                    'train_embeddings': lambda s: s['kind'] == 'pretrain'}
 
 # %% ../nbs/08_panels.ipynb #5ce092ff
 STAGE_FIELDS = ('kind', 'name', 'data', 'eval_data', 'lr', 'epochs', 'max_steps', 'batch_size', 'grad_accum',
-                'max_length', 'beta', 'reference', 'train_embeddings', 'on_bad_record', 'save_steps', 'eval_samples')
+                'max_length', 'beta', 'nll_weight', 'reference', 'train_embeddings', 'on_bad_record', 'save_steps', 'eval_samples')
 
 class StageBox(widgets.VBox):
     "The widgets of one stage; `.raw` is its field dict (text unparsed)."
