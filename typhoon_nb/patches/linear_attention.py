@@ -463,14 +463,10 @@ def _eval_mse(model, mods, batches) -> list[float]:
 def _no_cpu_4bit_repacking(model):
     """Keep bitsandbytes 4-bit layers differentiable on CPU: an eval-mode forward without gradients repacks their weights
     for an inference kernel (AVX512-BF16) through which no gradient flows back. Unpack such weights and hold the
-    repacking off inside the block (restored after)."""
+    repacking off inside the block (restored after; a model from `load_model` has it off already)."""
+    from typhoon_nb.loader import keep_4bit_trainable
     mods = [m for m in model.modules() if getattr(m, 'support_avx512bf16_for_cpu', False)]
-    for m in mods:
-        qs = getattr(m.weight, 'quant_state', None)
-        if getattr(qs, 'packing_format_for_cpu', False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu_inverse(m.weight.data, qs)
-        m.support_avx512bf16_for_cpu = False
+    keep_4bit_trainable(model)
     try: yield
     finally:
         for m in mods: m.support_avx512bf16_for_cpu = True
