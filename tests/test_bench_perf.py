@@ -82,3 +82,202 @@ def test_clock_needs_steps():
     with pytest.raises(RuntimeError, match='only 1 steps ran: need more than 1 warm-up'): c.rate()
     c.marks = [(0.0, 100), (2.0, 500)]
     assert c.rate() == (200.0, 400, 2.0)
+
+# --- FLOPs convention: each base layer counted once, adapters left out -------------------------------------------------
+
+def _hand_count(shape:str) -> int:
+    "Linear weights of the Mistral config by hand: per layer q, k, v, o, gate, up, down; plus the LM head."
+    import gpu_perf as g
+    s = g.SHAPES[shape]
+    h, i, L, V, kv = s['hidden_size'], s['intermediate_size'], s['num_hidden_layers'], s['vocab_size'], s['num_key_value_heads']
+    hd = h // s['num_attention_heads']
+    q, k, v, o = h * h, h * kv * hd, h * kv * hd, h * h
+    gate, up, down = h * i, h * i, i * h
+    return L * (q + k + v + o + gate + up + down) + V * h
+
+@pytest.mark.parametrize('quantization', ['none', '8bit', '4bit'])
+def test_matmul_params_quantized_and_wrapped(quantization):
+    """The same tiny model gives the hand count with any quantization, bare or wrapped: our LoRA, TRL's all-linear LoRA
+    (PEFT's bnb wrappers are also named Linear4bit / Linear8bitLt), LoRA + prefix, LoRA with trained embedding copies."""
+    import gpu_perf as g, torch
+    from peft import LoraConfig, get_peft_model
+    from typhoon_nb.config import RunConfig
+    from typhoon_nb.loader import quantization_config, quantize_in_place
+    from typhoon_nb.adapters import apply_peft
+    torch.set_num_threads(1)
+    n = _hand_count('tiny')
+    assert n == 331776
+    def base():
+        m = g.build_model('tiny', torch.float32, 'cpu')
+        return m if quantization == 'none' else quantize_in_place(m, quantization_config(quantization, torch.bfloat16), 'cpu')
+    wraps = {'bare': lambda m: m,
+             'ours lora': lambda m: apply_peft(m, RunConfig(quantization=quantization))[0],
+             'trl lora': lambda m: get_peft_model(m, LoraConfig(r=16, lora_alpha=32, target_modules='all-linear', task_type='CAUSAL_LM')),
+             'lora + prefix': lambda m: apply_peft(m, RunConfig(quantization=quantization, peft_method='both'))[0],
+             'lora + embeddings': lambda m: apply_peft(m, RunConfig(quantization=quantization), train_embeddings=True)[0]}
+    for name, wrap in wraps.items():
+        m = wrap(base())
+        if name != 'bare':  # the wrapped model does carry the adapter matrices and base layers the old count took twice
+            assert any('lora_A' in k for k, _ in m.named_modules()), name
+        assert g.matmul_params(m) == n, f"{quantization} {name}: {g.matmul_params(m)} != {n}"
+        if quantization != 'none' and name == 'trl lora':
+            assert sum(type(x).__name__ in ('Linear4bit', 'Linear8bitLt') for x in m.modules()) == 2 * 7 * g.SHAPES['tiny']['num_hidden_layers']
+
+def test_matmul_params_7b_on_meta():
+    "Typhoon-7B's shape, built on the meta device (no memory): N = 7,123,578,880 = the hand count."
+    import gpu_perf as g, torch
+    m = g.build_model('7b', torch.bfloat16, 'meta')
+    assert g.matmul_params(m) == _hand_count('7b') == 7_123_578_880
+
+# --- peak RSS of a child process --------------------------------------------------------------------------------------
+
+PARENT = r'''
+import json, resource, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+import gpu_perf as g
+big = bytearray(b'\x01') * (300 << 20)  # 300 MiB, every page written
+child = subprocess.run([sys.executable, '-c', "import json, resource, sys; sys.path.insert(0, sys.argv[1]); import gpu_perf as g; "
+                        "print(json.dumps({'peak': g.peak_rss(), 'ru_maxrss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))",
+                        sys.argv[1]], capture_output=True, text=True, check=True)
+print(json.dumps({'parent': g.peak_rss(), 'child': json.loads(child.stdout)}))
+'''
+
+def test_peak_rss_child_reports_its_own_peak():
+    "A child of a process that touched 300 MiB reports its own high-water mark; ru_maxrss would report the parent's."
+    cp = subprocess.run([sys.executable, '-c', PARENT, str(BENCH)], capture_output=True, text=True, timeout=120)
+    assert cp.returncode == 0, cp.stderr[-2000:]
+    r = json.loads(cp.stdout)
+    parent, child = r['parent'], r['child']
+    assert parent > 300 << 20
+    assert child['peak'] < parent - (200 << 20), r
+    assert child['ru_maxrss'] > parent - (50 << 20), r  # the old measure: the parent's peak, inherited across fork + exec
+
+# --- the offline bundle -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def bundle(tmp_path_factory):
+    import gpu_bundle as b
+    d = tmp_path_factory.mktemp('gpu')
+    info = b.make_bundle(d, wheels=False)
+    return d, info
+
+def test_bundle_contents(bundle):
+    import gpu_perf as g, gpu_bundle as b
+    from typhoon_nb.config import StageConfig
+    from typhoon_nb.data import load_stage_data
+    d, info = bundle
+    assert info['records'] == {'sft': 2000, 'dpo': 1000} and info['wheels'] == []
+    assert (d / 'tokenizer' / 'tokenizer.json').exists() and json.loads((d / 'bundle.json').read_text())['records'] == info['records']
+    for kind in ('sft', 'dpo'):  # the JSONL files read through the data layer give the demo split
+        lines = (d / f'{kind}.jsonl').read_text().splitlines()
+        assert len(lines) == info['records'][kind]
+        demo = load_stage_data(StageConfig(kind=kind, data=f'demo:{kind}'), seed=g.DATA_SEED).train.to_list()
+        assert load_stage_data(StageConfig(kind=kind, data=str(d / f'{kind}.jsonl')), seed=g.DATA_SEED).train.to_list() == demo
+        assert json.loads(lines[0]) == demo[0] and set(demo[0]) == ({'prompt', 'completion'} if kind == 'sft' else {'prompt', 'chosen', 'rejected'})
+    tok, saved = g.tokenizer(), g.tokenizer(d / 'tokenizer')
+    assert saved.get_vocab() == tok.get_vocab() and saved.chat_template == tok.chat_template
+    assert (saved.pad_token_id, saved.eos_token_id) == (tok.pad_token_id, tok.eos_token_id) == (1, 0)
+    # what the measurement trains on is the same either way (validated at max_length 96, first 300 records)
+    for kind in ('sft', 'dpo'):
+        a = g.load_data(kind, tok, 96, 300).to_list()
+        assert g.load_data(kind, saved, 96, 300, data_dir=d).to_list() == a and len(a) == 300
+    run = (d / 'run.sh').read_text()
+    assert b.PIP_INSTALL in run and 'export PYTHONPATH=/tmp/site:$PWD' in run and 'nvidia-smi' in run
+    assert 'gpu_perf.py --no_install --tokenizer .gpu/tokenizer --data_dir .gpu "$@"' in run and 'pip show' in run
+    assert subprocess.run(['bash', '-n', str(d / 'run.sh')]).returncode == 0 and os.access(d / 'run.sh', os.X_OK)
+
+def _wheels_here():
+    import gpu_bundle as b
+    src = b.ROOT / '.whl'
+    if any(b.find_wheel(src, n, v) is None for n, v in b.WHEELS.items()): pytest.skip(f'{src}: the wheels are not downloaded here')
+    return src
+
+def test_bundle_wheels(bundle, tmp_path):
+    "The 7 wheels and nothing else (pythainlp, tokenizers, huggingface_hub stay behind); with the repository under 60 MiB."
+    import gpu_bundle as b
+    ws = b.copy_wheels(tmp_path / 'wheels', _wheels_here())
+    names = sorted(w.name.split('-')[0] for w in ws)
+    assert names == sorted(b.WHEELS) == ['bitsandbytes', 'datasets', 'dill', 'multiprocess', 'peft', 'transformers', 'trl']
+    assert all(f"-{b.WHEELS[w.name.split('-')[0]]}-" in w.name for w in ws)
+    assert sorted(p.name for p in (tmp_path / 'wheels').iterdir()) == sorted(w.name for w in ws)
+    total = b.tree_bytes(tmp_path / 'wheels') + bundle[1]['total_bytes'] + b.tracked_bytes()  # + tokenizer, data, run.sh; the repository
+    assert total < 60 * 2**20, f'{total / 2**20:.1f} MiB carried: make the bundle with --slim_bnb'
+
+def test_slim_bitsandbytes_wheel_installs(tmp_path):
+    "The slimmed bitsandbytes wheel keeps the CPU and CUDA 13.x libraries, installs with pip --no-deps, and imports."
+    import gpu_bundle as b, zipfile
+    w = b.slim_wheel(b.find_wheel(_wheels_here(), 'bitsandbytes', b.WHEELS['bitsandbytes']), tmp_path)
+    libs = sorted(n.split('/')[-1] for n in zipfile.ZipFile(w).namelist() if n.endswith('.so'))
+    assert libs == ['libbitsandbytes_cpu.so', 'libbitsandbytes_cuda130.so', 'libbitsandbytes_cuda132.so']
+    assert w.stat().st_size < 8 * 2**20
+    site = tmp_path / 'site'
+    cp = subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--no-index', '--no-deps', '--no-compile', '--target', str(site),
+                         '--python-version', '3.12', '--only-binary=:all:', str(w)], capture_output=True, text=True, timeout=120)
+    assert cp.returncode == 0, cp.stderr[-2000:]
+    assert sorted(p.name for p in (site / 'bitsandbytes').glob('*.so')) == libs
+    cp = subprocess.run([sys.executable, '-c', 'import bitsandbytes as b, bitsandbytes.nn; print(b.__file__, b.__version__)'],
+                        capture_output=True, text=True, timeout=120, env=os.environ | {'PYTHONPATH': str(site)}, cwd=tmp_path)
+    assert cp.returncode == 0 and cp.stdout.split() == [str(site / 'bitsandbytes' / '__init__.py'), b.WHEELS['bitsandbytes']], cp.stderr[-2000:]
+
+HIDDEN = ('ipywidgets', 'papermill', 'nbdev', 'pythainlp', 'matplotlib')
+HIDING_RUN = r'''
+import runpy, sys
+HIDE = set(sys.argv[1].split(','))
+class Hide:  # these packages are not installed, as far as this process can tell: import raises ModuleNotFoundError
+    def __init__(self, inner): self.inner = inner
+    def find_spec(self, name, path=None, target=None):
+        return None if name.partition('.')[0] in HIDE else self.inner.find_spec(name, path, target)
+    def __getattr__(self, k): return getattr(self.inner, k)
+sys.meta_path[:] = [Hide(f) if hasattr(f, 'find_spec') else f for f in sys.meta_path]
+try: import pythainlp
+except ImportError: pass
+else: raise SystemExit('hiding failed')
+script = sys.argv[2]; sys.argv = sys.argv[2:]
+runpy.run_path(script, run_name='__main__')
+print('HIDDEN LOADED', sorted(n for n in sys.modules if n.partition('.')[0] in HIDE))
+'''
+
+def test_cli_bundle_needs_no_notebook_packages(bundle, tmp_path):
+    """The GPU run as run.sh starts it (--no_install, the bundle's tokenizer and data), at the tiny shape on CPU, with
+    ipywidgets, papermill, nbdev, pythainlp and matplotlib unimportable and an empty tiny-Typhoon cache: it completes."""
+    d, _ = bundle
+    out = tmp_path / 'g.json'
+    env = os.environ | {'HF_HUB_OFFLINE': '1', 'TYPHOON_NB_CACHE': str(tmp_path / 'empty_cache'), 'OMP_NUM_THREADS': '1'}
+    env.pop('OUT', None)
+    cp = subprocess.run([sys.executable, '-c', HIDING_RUN, ','.join(HIDDEN), str(BENCH / 'gpu_perf.py'), '--shape', 'tiny',
+                         '--steps', '2', '--batch_size', '4', '--max_length', '48', '--n_train', '64', '--threads', '1',
+                         '--no_install', '--tokenizer', str(d / 'tokenizer'), '--data_dir', str(d), '--out', str(out)],
+                        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    assert 'HIDDEN LOADED []' in cp.stdout
+    assert not (tmp_path / 'empty_cache').exists()  # the tiny Typhoon was not built
+    res = json.loads(out.read_text())
+    assert res['complete'] and [r['path'] for r in res['runs']] == ['ours', 'trl'] and res['installed'] == []
+    assert res['tokens_per_s']['ours'] > 0 and res['tokens_per_s']['trl'] > 0 and 0 < res['mfu']['ours'] < 1
+    assert res['runs'][0]['matmul_params'] == res['runs'][1]['matmul_params'] == _hand_count('tiny')
+    assert res['versions']['transformers'] and res['data_dir'] == str(d)
+    import re  # timestamped progress: the model build, every step, the file written after each path
+    stamp = r'\[\d\d:\d\d:\d\d \+\s*\d+\.\d s\] '
+    for what in ('ours: building the tiny model', 'trl: quantizing to 4bit', '  step 2: ', r'wrote .*g\.json \(1 run\(s\)\)'):
+        assert re.search(stamp + what, cp.stdout), what
+
+def test_results_written_after_each_path(tmp_path, monkeypatch):
+    "A run that dies in its second path leaves the first path's results on disk (complete: false)."
+    import gpu_perf as g
+    out, real = tmp_path / 'r.json', g.measure
+    def measure(path, *a, **k):
+        if path == 'trl': raise RuntimeError('killed')
+        return real(path, *a, **k)
+    monkeypatch.setattr(g, 'measure', measure)
+    with pytest.raises(RuntimeError, match='killed'):
+        g.main(['--shape', 'tiny', '--steps', '2', '--batch_size', '4', '--max_length', '48', '--n_train', '32', '--no_install',
+                '--no_peak', '--quiet', '--threads', '1', '--out', str(out)])
+    res = json.loads(out.read_text())
+    assert res['complete'] is False and [r['path'] for r in res['runs']] == ['ours'] and res['tokens_per_s']['ours'] > 0
+
+def test_out_defaults_under_OUT(monkeypatch, tmp_path):
+    import gpu_perf as g
+    monkeypatch.setenv('OUT', str(tmp_path))
+    assert g._cli([]).out == str(tmp_path / 'gpu_perf.json')
+    monkeypatch.delenv('OUT')
+    assert g._cli([]).out == 'gpu_perf.json'

@@ -5,18 +5,35 @@ check at Typhoon-7B's full shape:
 
     python nbs/benchmarks/gpu_perf.py --out gpu_perf.json            # 7b shape, 4bit, lora, ours vs TRL, < 10 min
 
+On a GPU machine without network, `nbs/benchmarks/gpu_bundle.py` prepares `.gpu/` (wheels, the tokenizer, the demo
+data as JSONL, `run.sh`) and `bash .gpu/run.sh` runs this script with `--no_install --tokenizer .gpu/tokenizer
+--data_dir .gpu`: then neither pythainlp nor the embedded tiny Typhoon build is needed. The script prints timestamped
+progress lines and rewrites its JSON after each path, so a run cut short keeps what it measured (`--out` defaults to
+`$OUT/gpu_perf.json` where `$OUT` is set).
+
 Every model is built from a config with random weights (nothing is downloaded). Tokens are the non-padding tokens the
 trainer consumed (`include_num_input_tokens_seen='non_padding'`), counted after the warm-up steps. FLOPs convention:
 6 N per token for full training, 4 N for adapters over a frozen base (forward 2 N, backward through the activations
-2 N, no weight gradients), N = parameters of the matrix multiplications (all linear layers and the LM head, not the
-input embedding table); attention's sequence-length term is left out (short sequences here).
+2 N, no weight gradients), N = parameters of the matrix multiplications of the base model (all linear layers and the LM
+head at their logical size, quantized or not; not the input embedding table, not the adapters' own small matrices);
+attention's sequence-length term is left out (short sequences here). Memory: on GPU the CUDA peak allocated while
+training (the model build before it is reported apart), on CPU the largest RSS seen at a step end; `peak_rss_bytes`
+is the process's own high-water mark (VmHWM).
 """
 from __future__ import annotations
-import argparse, importlib, json, os, platform, resource, subprocess, sys, tempfile, threading, time
+import argparse, importlib, importlib.util, json, os, platform, resource, subprocess, sys, tempfile, threading, time
 from pathlib import Path
+
+PROGRESS = False  # print timestamped progress lines (the command line turns it on)
+_T0 = time.perf_counter()
+
+def say(msg:str):
+    "A timestamped progress line (wall clock and seconds since the start), flushed at once; silent unless `PROGRESS`."
+    if PROGRESS: print(f"[{time.strftime('%H:%M:%S')} +{time.perf_counter() - _T0:7.1f} s] {msg}", flush=True)
 
 NEEDS = {'torch': 'torch', 'transformers': 'transformers>=5', 'peft': 'peft', 'trl': 'trl>=1.0',
          'bitsandbytes': 'bitsandbytes>=0.48', 'datasets': 'datasets', 'accelerate': 'accelerate', 'pythainlp': 'pythainlp'}
+BUNDLED = ('pythainlp',)  # needed only to build the tokenizer and the demo data; a bundle brings both
 
 def ensure_packages(needs:dict=NEEDS, install:bool=True) -> list[str]:
     "Import each package; pip-install the missing ones (and the repository itself) when `install`; return what was installed."
@@ -47,8 +64,17 @@ def machine() -> dict:
     try: cpu = next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
     except Exception: pass
     m = {'cpu': cpu, 'cores': os.cpu_count(), 'torch_threads': torch.get_num_threads(), 'torch': torch.__version__}
-    if torch.cuda.is_available(): m['gpu'] = torch.cuda.get_device_name(0)
+    if torch.cuda.is_available(): m |= {'gpu': torch.cuda.get_device_name(0), 'cuda': torch.version.cuda}
     return m
+
+def versions(names=('transformers', 'trl', 'peft', 'bitsandbytes', 'accelerate', 'datasets', 'tokenizers', 'huggingface_hub')) -> dict:
+    "Installed versions of the training packages (None where missing)."
+    from importlib.metadata import version, PackageNotFoundError
+    out = {}
+    for n in names:
+        try: out[n] = version(n)
+        except PackageNotFoundError: out[n] = None
+    return out
 
 def matmul_peak(dtype='bfloat16', sizes=(1024, 2048), reps:int=5, dev:str|None=None) -> dict:
     "Best FLOP/s of square matmuls in `dtype` over `sizes` (median of `reps` per size): the peak that MFU divides by."
@@ -68,14 +94,33 @@ def matmul_peak(dtype='bfloat16', sizes=(1024, 2048), reps:int=5, dev:str|None=N
         per[n] = 2 * n ** 3 / sorted(ts)[len(ts) // 2]
     return {'dtype': dtype, 'flops_per_s': max(per.values()), 'by_size': per}
 
-def matmul_params(model) -> int:
-    "N of the FLOPs convention: weights of the linear layers and the LM head (quantized ones at their logical size)."
+def _adapter_module_ids(model) -> set:
+    "ids of the modules that belong to adapters: PEFT tuner layers' own layers (`lora_A`, `lora_B`, `modules_to_save` copies, ...) and prompt encoders."
     import torch
-    n = 0
+    ids = set()
     for m in model.modules():
-        if isinstance(m, torch.nn.Linear) or type(m).__name__ in ('Linear4bit', 'Linear8bitLt'):
-            w = getattr(m, 'in_features', 0) * getattr(m, 'out_features', 0)
-            n += w or m.weight.numel()
+        parts = [getattr(m, a, None) for a in getattr(m, 'adapter_layer_names', ())] + [getattr(m, 'prompt_encoder', None)]
+        for p in parts:
+            if isinstance(p, torch.nn.Module): ids |= {id(x) for x in p.modules()}
+    return ids
+
+def _base_linear_types() -> tuple:
+    "torch's Linear and, where bitsandbytes is loaded, its quantized layers (not PEFT's LoRA wrappers of the same names)."
+    import torch
+    bnb = sys.modules.get('bitsandbytes')
+    return (torch.nn.Linear,) + ((bnb.nn.Linear4bit, bnb.nn.Linear8bitLt) if bnb is not None else ())
+
+def matmul_params(model) -> int:
+    """N of the FLOPs convention: weights of the base model's linear layers and LM head, quantized ones at their logical
+    size (in x out). A layer counts once however it is wrapped: PEFT's LoRA wrappers (`peft.tuners.lora.bnb.Linear4bit`
+    and `Linear8bitLt` share the bitsandbytes names and carry `in_features`) hold the real layer as `base_layer` and are
+    skipped. Adapters are left out (LoRA's `lora_A` / `lora_B`, trained copies in `modules_to_save`, prefix encoders):
+    LoRA r = 16 on every linear layer of the blocks would add 4.6% to N at the 30M shape and 0.6% at 7b, and the
+    convention measures the base model's work."""
+    types, skip, n = _base_linear_types(), _adapter_module_ids(model), 0
+    for m in model.modules():
+        if id(m) in skip or hasattr(m, 'base_layer') or not isinstance(m, types): continue
+        n += (m.in_features * m.out_features) or m.weight.numel()
     return n
 
 def flops_per_token(n_matmul:int, peft:str) -> int:
@@ -96,11 +141,17 @@ def build_model(shape:str, dtype, dev:str, seed:int=0, pad_token_id:int=1, eos_t
     return model
 
 class _ClockBase:
-    "Time and non-padding tokens at each optimizer step end, and the peak RSS seen (CPU)."
+    "Time and non-padding tokens at each optimizer step end (after the GPU finished), and the peak RSS seen (CPU)."
     def __init__(self, warmup:int=1): self.warmup, self.marks, self.rss = warmup, [], 0
     def on_step_end(self, args, state, control, **kw):
+        import torch
+        if torch.cuda.is_available() and torch.cuda.is_initialized(): torch.cuda.synchronize()
         self.marks.append((time.perf_counter(), state.num_input_tokens_seen))
         self.rss = max(self.rss, rss_now())
+        if len(self.marks) > 1:
+            (t0, n0), (t1, n1) = self.marks[-2:]
+            say(f"  step {state.global_step}: {n1 - n0} tokens in {t1 - t0:.2f} s")
+        else: say(f"  step {state.global_step} (warm-up): {self.marks[0][1]} tokens")
     def rate(self) -> tuple[float, int, float]:
         "(tokens/s, tokens, seconds) over the steps after the warm-up."
         if len(self.marks) <= self.warmup: raise RuntimeError(f"only {len(self.marks)} steps ran: need more than {self.warmup} warm-up step(s)")
@@ -119,20 +170,39 @@ def rss_now() -> int:
     except Exception: return 0
 
 def peak_rss() -> int:
-    "Peak resident set size of this process so far, bytes."
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process so far, bytes: `VmHWM` of /proc/self/status, which belongs to the address
+    space and starts afresh at exec. (Linux carries `ru_maxrss` across fork + exec, so a child of a big process, such as
+    a 2.5 GiB notebook kernel, would report its parent's peak.) `ru_maxrss` where /proc is missing."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'): return int(line.split()[1]) * 1024
+    except OSError: pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == 'darwin' else 1024)
 
-def load_data(kind:str, tok, max_length:int, n:int|None=None, seed:int=42):
-    "The demo curriculum's training split for `kind` (sft | dpo), validated by the data layer (its first `n` records)."
-    from typhoon_nb.config import StageConfig
-    from typhoon_nb.data import load_stage_data
-    ds = load_stage_data(StageConfig(kind=kind, data=f'demo:{kind}', max_length=max_length), seed=seed, tokenizer=tok).train
+DATA_SEED = 42  # the demo curriculum's seed of every measurement
+
+def load_data(kind:str, tok, max_length:int, n:int|None=None, seed:int=DATA_SEED, data_dir=None):
+    """The demo curriculum's training split for `kind` (sft | dpo), validated by the data layer (its first `n` records).
+    With `data_dir`: the records of `data_dir/<kind>.jsonl` (written by `gpu_bundle.py` from the same split), validated
+    the same way except for the Thai normalisation, which they already went through (it would need pythainlp)."""
+    if data_dir is None:
+        from typhoon_nb.config import StageConfig
+        from typhoon_nb.data import load_stage_data
+        ds = load_stage_data(StageConfig(kind=kind, data=f'demo:{kind}', max_length=max_length), seed=seed, tokenizer=tok).train
+    else:
+        from typhoon_nb.data import load_records
+        ds, _ = load_records(Path(data_dir) / f'{kind}.jsonl', kind, tokenizer=tok, max_length=max_length, normalize=False)
     return ds.select(range(min(n, len(ds)))) if n else ds
 
-def tokenizer():
+def tokenizer(path=None):
+    "The tiny Typhoon's tokenizer after `prepare_tokenizer` (pad token, chat template), or the one saved in `path`."
     from transformers import AutoTokenizer
-    from typhoon_nb.loader import tiny_typhoon, prepare_tokenizer
-    tok = AutoTokenizer.from_pretrained(tiny_typhoon('tiny')); prepare_tokenizer(tok)
+    from typhoon_nb.loader import prepare_tokenizer
+    if path is None:
+        from typhoon_nb.loader import tiny_typhoon
+        path = tiny_typhoon('tiny')
+    tok = AutoTokenizer.from_pretrained(str(path)); prepare_tokenizer(tok)
     return tok
 
 def _quiet(trainer):
@@ -151,10 +221,13 @@ def ours_trainer(kind:str, shape:str, quantization:str, peft:str, steps:int, bat
                         eval_samples=0, lr=lr, reference='entering')
     cfg = RunConfig(quantization=quantization, peft_method=peft, precision=precision, stages=[stage], **overrides).validate()
     dtype, _ = resolve_precision(cfg.precision, dev)
+    say(f"ours: building the {shape} model in {str(dtype).split('.')[-1]} on {dev}")
     model = build_model(shape, dtype, dev, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     if quantization != 'none':
+        say(f"ours: quantizing to {quantization}")
         model.config.quantization_config = quantization_config(quantization, dtype)  # as the loader's from_pretrained leaves it
         quantize_in_place(model, model.config.quantization_config, dev)
+    say(f"ours: adding {peft} adapters and building the trainer")
     model, _ = apply_peft(model, cfg)
     tr = build_trainer(cfg, stage, model, tok, data, out_dir, [clock], progress=False)
     tr.args.include_num_input_tokens_seen = 'non_padding'
@@ -171,8 +244,12 @@ def trl_trainer(kind:str, shape:str, quantization:str, peft:str, steps:int, batc
     from typhoon_nb.config import RunConfig
     from typhoon_nb.loader import quantization_config, quantize_in_place
     dtype = torch.bfloat16 if shape == '7b' else torch.float32
+    say(f"trl: building the {shape} model in {str(dtype).split('.')[-1]} on {dev}")
     model = build_model(shape, dtype, dev, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    if quantization != 'none': quantize_in_place(model, quantization_config(quantization, torch.bfloat16), dev)
+    if quantization != 'none':
+        say(f"trl: quantizing to {quantization}")
+        quantize_in_place(model, quantization_config(quantization, torch.bfloat16), dev)
+    say(f"trl: building the trainer ({peft} through peft_config)")
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules='all-linear', task_type='CAUSAL_LM')
     peft_config = {'lora': lora, 'prefix': PrefixTuningConfig(num_virtual_tokens=16, task_type='CAUSAL_LM')}.get(peft)
     if peft == 'both':  # one peft_config cannot say LoRA + prefix: the model comes wrapped as our adapters build it
@@ -190,10 +267,17 @@ def trl_trainer(kind:str, shape:str, quantization:str, peft:str, steps:int, batc
     return _quiet(DPOTrainer(model=model, args=DPOConfig(**kw), train_dataset=data, processing_class=tok,
                              peft_config=peft_config, callbacks=[clock]))
 
+def _free(dev:str):
+    "Collect garbage and give cached GPU memory back (between two models)."
+    import gc, torch
+    gc.collect()
+    if dev == 'cuda': torch.cuda.empty_cache()
+
 def measure(path:str, kind:str='sft', shape:str='30m', quantization:str='none', peft:str='lora', steps:int=6,
             batch_size:int=16, max_length:int=96, data=None, tok=None, warmup:int=1, **kw) -> dict:
-    "Build `path`'s trainer (ours | trl) for one configuration, train `steps` steps; tokens/s after `warmup` steps, memory, FLOPs."
-    import torch, gc
+    """Build `path`'s trainer (ours | trl) for one configuration, train `steps` steps; tokens/s after `warmup` steps, memory,
+    FLOPs. The model is freed before returning (the next path builds its own)."""
+    import torch
     dev = device()
     tok = tok or tokenizer()
     data = data if data is not None else load_data(kind, tok, max_length)
@@ -205,16 +289,26 @@ def measure(path:str, kind:str='sft', shape:str='30m', quantization:str='none', 
         tr = make(kind, shape, quantization, peft, steps, batch_size, max_length, data, tok, clock, dev, td, **kw)
         setup = time.perf_counter() - t0
         n_matmul = matmul_params(tr.model)
+        mem = {}
+        if dev == 'cuda':  # the build's peak (a bf16 model before quantization) apart from training's
+            mem = {'setup_peak_memory_bytes': torch.cuda.max_memory_allocated()}
+            torch.cuda.reset_peak_memory_stats()
+        say(f"{path}: trainer ready after {setup:.1f} s; training {steps} steps of {batch_size} x {max_length}")
         out = tr.train()
         rate, tokens, secs = clock.rate()
+        if dev == 'cuda': mem |= {'cuda_max_reserved_bytes': torch.cuda.max_memory_reserved()}
         res = {'path': path, 'kind': kind, 'shape': shape, 'quantization': quantization, 'peft': peft, 'steps': tr.state.global_step,
                'tokens_per_s': rate, 'tokens': tokens, 'seconds': secs, 'setup_seconds': setup, 'loss': out.training_loss,
                'matmul_params': n_matmul, 'flops_per_token': flops_per_token(n_matmul, peft),
                'bf16': bool(tr.args.bf16), 'gradient_checkpointing': bool(tr.args.gradient_checkpointing),
                'padding_free': bool(getattr(tr.args, 'padding_free', False) or getattr(tr.args, 'packing', False)),
                'peak_memory_bytes': torch.cuda.max_memory_allocated() if dev == 'cuda' else clock.rss,
-               'memory_kind': 'cuda_max_allocated' if dev == 'cuda' else 'rss_seen_during_training', 'note': note}
-        del tr; gc.collect()
+               'memory_kind': 'cuda_max_allocated_training' if dev == 'cuda' else 'rss_seen_during_training', 'note': note} | mem
+        del tr
+        _free(dev)
+    if dev == 'cuda': res['cuda_allocated_after_free_bytes'] = torch.cuda.memory_allocated()
+    say(f"{path}: {rate:,.0f} tokens/s ({tokens} tokens in {secs:.2f} s), peak memory {res['peak_memory_bytes'] / 2**30:.2f} GiB"
+        + (f", {res['cuda_allocated_after_free_bytes'] / 2**20:.0f} MiB still allocated after freeing" if dev == 'cuda' else ''))
     return res
 
 def _cli(argv=None):
@@ -229,44 +323,70 @@ def _cli(argv=None):
     ap.add_argument('--batch_size', type=int, default=None, help='sequences per step (default: 16, or 4 at 7b)')
     ap.add_argument('--max_length', type=int, default=None, help='tokens per sequence / packed block (default: 96, or 1024 at 7b)')
     ap.add_argument('--n_train', type=int, default=None, help='use the first N demo records (default: all)')
+    ap.add_argument('--tokenizer', default=None, help="a saved tokenizer's folder (default: the embedded tiny Typhoon's, built on first use)")
+    ap.add_argument('--data_dir', default=None, help='a folder with sft.jsonl / dpo.jsonl (default: the demo curriculum, which needs pythainlp)')
     ap.add_argument('--no_install', action='store_true', help='do not pip-install missing packages')
     ap.add_argument('--no_peak', action='store_true', help='skip the matmul peak (no MFU)')
     ap.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
-    ap.add_argument('--out', default='gpu_perf.json')
+    ap.add_argument('--quiet', action='store_true', help='no progress lines')
+    ap.add_argument('--out', default=str(Path(os.environ['OUT']) / 'gpu_perf.json') if os.environ.get('OUT') else 'gpu_perf.json',
+                    help='results JSON, rewritten after each path (default: $OUT/gpu_perf.json where $OUT is set)')
     return ap.parse_args(argv)
 
+def summarize(a, runs:list, paths:list, steps:int, bs:int, L:int, installed:list, peak:dict|None, done:bool) -> dict:
+    "The results record of the runs so far: medians per path, the ratio, MFU against `peak`."
+    med = lambda p: sorted(x['tokens_per_s'] for x in runs if x['path'] == p)[len([x for x in runs if x['path'] == p]) // 2]
+    have = [p for p in paths if any(x['path'] == p for x in runs)]
+    res = {'machine': machine(), 'versions': versions(), 'installed': installed, 'shape': a.shape, 'config': SHAPES[a.shape],
+           'kind': a.kind, 'quantization': a.quantization, 'peft': a.peft, 'repeats': a.repeats, 'steps': steps, 'batch_size': bs,
+           'max_length': L, 'tokenizer': a.tokenizer, 'data_dir': a.data_dir, 'complete': done, 'runs': runs,
+           'tokens_per_s': {p: med(p) for p in have}}
+    if {'ours', 'trl'} <= set(res['tokens_per_s']): res['ratio'] = res['tokens_per_s']['ours'] / res['tokens_per_s']['trl']
+    if peak is not None:
+        res['bf16_peak_flops_per_s'] = peak['flops_per_s']
+        if runs:
+            fpt = runs[0]['flops_per_token']
+            res['mfu'] = {p: v * fpt / peak['flops_per_s'] for p, v in res['tokens_per_s'].items()}
+    return res
+
 def main(argv=None) -> dict:
-    "Measure the paths alternately `repeats` times and write the records, medians, ratio and MFU as JSON."
+    """Measure the paths alternately `repeats` times; write the records, medians, ratio and MFU as JSON after each path
+    (`complete` turns true at the end)."""
+    global PROGRESS
     a = _cli(argv)
-    installed = ensure_packages(install=not a.no_install)
+    PROGRESS = not a.quiet
+    bundled = a.tokenizer is not None and a.data_dir is not None
+    needs = {k: v for k, v in NEEDS.items() if not (bundled and k in BUNDLED)}
+    installed = ensure_packages(needs, install=not a.no_install)
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
-    import datasets, warnings
+    say(f"importing torch, transformers, datasets (missing: {', '.join(installed) or 'none'})")
+    import datasets, warnings, torch
     datasets.disable_progress_bars(); warnings.filterwarnings('ignore')
-    if a.threads: import torch; torch.set_num_threads(a.threads)
+    if a.threads: torch.set_num_threads(a.threads)
     from transformers.utils import logging as tl
     tl.set_verbosity_error()
+    say(f"device {device()}: {machine()}; {versions()}")
     big = a.shape == '7b'
     steps, bs, L = a.steps or (4 if big else 6), a.batch_size or (4 if big else 16), a.max_length or (1024 if big else 96)
-    tok = tokenizer()
-    data = load_data(a.kind, tok, L, a.n_train)
-    runs = []
+    tok = tokenizer(a.tokenizer)
+    data = load_data(a.kind, tok, L, a.n_train, data_dir=a.data_dir)
+    say(f"tokenizer {a.tokenizer or 'tiny Typhoon'} ({len(tok)} tokens), {len(data)} {a.kind} records from {a.data_dir or 'the demo curriculum'}")
+    peak = None
+    if not a.no_peak:
+        peak = matmul_peak('bfloat16')
+        say(f"bf16 matmul peak {peak['flops_per_s'] / 1e12:.2f} TFLOP/s")
+    paths, runs, out = a.paths.split(','), [], Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(a.repeats):
-        for p in a.paths.split(','):
+        for p in paths:
             r = measure(p, a.kind, a.shape, a.quantization, a.peft, steps, bs, L, data, tok)
             r['peak_rss_bytes'] = peak_rss()
             runs.append(r); print(json.dumps({k: r[k] for k in ('path', 'tokens_per_s', 'peak_memory_bytes')}), flush=True)
-    med = lambda p: sorted(x['tokens_per_s'] for x in runs if x['path'] == p)[len([x for x in runs if x['path'] == p]) // 2]
-    res = {'machine': machine(), 'installed': installed, 'shape': a.shape, 'config': SHAPES[a.shape], 'kind': a.kind,
-           'quantization': a.quantization, 'peft': a.peft, 'repeats': a.repeats, 'steps': steps, 'batch_size': bs,
-           'max_length': L, 'runs': runs, 'tokens_per_s': {p: med(p) for p in a.paths.split(',')}}
-    if {'ours', 'trl'} <= set(res['tokens_per_s']): res['ratio'] = res['tokens_per_s']['ours'] / res['tokens_per_s']['trl']
-    if not a.no_peak:
-        pk = matmul_peak('bfloat16')
-        res['bf16_peak_flops_per_s'] = pk['flops_per_s']
-        fpt = runs[0]['flops_per_token']
-        res['mfu'] = {p: v * fpt / pk['flops_per_s'] for p, v in res['tokens_per_s'].items()}
-    Path(a.out).write_text(json.dumps(res, indent=1, default=str))
-    print(json.dumps({k: res.get(k) for k in ('machine', 'tokens_per_s', 'ratio', 'mfu')}, indent=1, default=str))
+            out.write_text(json.dumps(summarize(a, runs, paths, steps, bs, L, installed, peak, False), indent=1, default=str))
+            say(f"wrote {out} ({len(runs)} run(s))")
+    res = summarize(a, runs, paths, steps, bs, L, installed, peak, True)
+    out.write_text(json.dumps(res, indent=1, default=str))
+    print(json.dumps({k: res.get(k) for k in ('machine', 'tokens_per_s', 'ratio', 'mfu')}, indent=1, default=str), flush=True)
     return res
 
 if __name__ == '__main__': main()
