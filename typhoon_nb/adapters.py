@@ -14,7 +14,8 @@ from .config import ConfigError, RunConfig
 __all__ = ['PEFT_METHODS', 'MARKER', 'quantization_of', 'trainable_parts', 'AdapterReport', 'adapter_report',
            'linear_module_names', 'check_peft_settings', 'lora_config', 'fused_experts', 'prefix_config', 'apply_peft',
            'fix_prefix_generation', 'adapter_method', 'save_adapter', 'match_saved_dtypes', 'load_adapter',
-           'merge_and_save', 'frozen_reference', 'embedding_module_names', 'set_embedding_training']
+           'merge_and_save', 'frozen_reference', 'embedding_module_names', 'set_embedding_training', 'FastDropout',
+           'fast_lora_dropout', 'skip_input_casts', 'fast_lora_cpu']
 
 # %% ../nbs/03_adapters.ipynb #e27bb162
 PEFT_METHODS = ('lora', 'prefix', 'both', 'full')
@@ -394,3 +395,52 @@ def set_embedding_training(model, on:bool) -> int:
         if 'modules_to_save' in name:
             p.requires_grad_(on); n += p.numel()
     return n
+
+# %% ../nbs/03_adapters.ipynb #341b8e2a
+import numpy as np
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+class FastDropout(nn.Dropout):
+    "Dropout with the CPU mask drawn by numpy's SFC64 (16 bits per element), seeded from torch's generator each call."
+    def __init__(self, p:float=0.5):
+        super().__init__(p)
+        self.t = round(p * 65536)  # drop when a uniform 16-bit integer falls below t
+    @property
+    def p_eff(self) -> float: return self.t / 65536
+    def forward(self, x):
+        if not self.training or self.t == 0 or x.device.type != 'cpu': return F.dropout(x, self.p, self.training)
+        seed = int(torch.randint(0, 2 ** 62, (1,)))
+        bits = np.random.Generator(np.random.SFC64(seed)).integers(-32768, 32768, size=x.shape, dtype=np.int16)
+        keep = torch.from_numpy(bits) >= self.t - 32768
+        return torch.where(keep, x * (65536 / (65536 - self.t)), 0)
+
+def fast_lora_dropout(model) -> int:
+    "Put a `FastDropout` in place of every LoRA layer's dropout (p > 0); the number replaced."
+    n = 0
+    for mod in model.modules():
+        d = getattr(mod, 'lora_dropout', None)
+        if not isinstance(d, nn.ModuleDict): continue
+        for k, v in d.items():
+            if type(v) is nn.Dropout and v.p > 0: d[k] = FastDropout(v.p); n += 1
+    return n
+
+def skip_input_casts(trainer) -> bool:
+    """While `trainer` computes a loss under bf16/fp16 autocast, LoRA layers pass their input on uncast (PEFT would
+    cast it to the adapter's fp32 and autocast back). True when installed (the trainer uses mixed precision)."""
+    import contextlib
+    from peft.helpers import disable_input_dtype_casting
+    if getattr(trainer.accelerator, 'mixed_precision', 'no') not in ('bf16', 'fp16') or not _has_lora(trainer.model): return False
+    inner = trainer.compute_loss_context_manager
+    def ctx():
+        stack = contextlib.ExitStack()
+        stack.enter_context(inner())
+        stack.enter_context(disable_input_dtype_casting(trainer.model))
+        return stack
+    trainer.compute_loss_context_manager = ctx
+    return True
+
+def fast_lora_cpu(trainer) -> dict:
+    "Both speed-ups on `trainer`'s model: `FastDropout` and `skip_input_casts`."
+    return {'fast_dropout': fast_lora_dropout(trainer.model), 'skip_input_casts': skip_input_casts(trainer)}

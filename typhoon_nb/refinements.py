@@ -13,7 +13,7 @@ from .config import RunConfig, StageConfig, stage_view, field_help
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'SOURCES', 'args_class', 'trainer_kwargs', 'schedule_lr', 'param_groups', 'make_optimizer', 'StepLog',
-           'neftune_std', 'NEFTuneProbe', 'defaults_table']
+           'neftune_std', 'NEFTuneProbe', 'RowPackedCollator', 'row_packing', 'defaults_table']
 
 # %% ../nbs/04_refinements.ipynb #b60f138a
 SCHEDULES = {'cosine': 'cosine', 'linear': 'linear', 'constant': 'constant_with_warmup'}  # our name -> transformers' name
@@ -157,6 +157,52 @@ class NEFTuneProbe(TrainerCallback):
     # the Trainer attaches NEFTune before `on_train_begin`, so our `after` hook runs after it
     def on_train_begin(self, args, state, control, model=None, **kw): self.attach(model)
     def on_train_end(self, args, state, control, **kw): self.detach()
+
+# %% ../nbs/04_refinements.ipynb #cd72fdc9
+@dataclasses.dataclass
+class RowPackedCollator:
+    "Collate packed rows (TRL's `input_ids`, `labels`, `seq_lengths`) as a [batch, longest row] batch with per-row `position_ids`."
+    pad_token_id: int
+    pad_to_multiple_of: Optional[int] = None
+    def __call__(self, examples:list[dict]) -> dict:
+        B = len(examples)
+        lens = [list(ex.get('seq_lengths') or [len(ex['input_ids'])]) for ex in examples]
+        for i, (ex, ls) in enumerate(zip(examples, lens)):
+            if sum(ls) != len(ex['input_ids']):
+                raise ValueError(f"packed row {i}: seq_lengths sum to {sum(ls)} but input_ids has {len(ex['input_ids'])} tokens")
+        L = max(len(ex['input_ids']) for ex in examples)
+        if self.pad_to_multiple_of: L = -(-L // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        ids = torch.full((B, L), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((B, L), -100, dtype=torch.long)
+        pos = torch.zeros((B, L), dtype=torch.long)
+        for i, (ex, ls) in enumerate(zip(examples, lens)):
+            n = len(ex['input_ids'])
+            ids[i, :n] = torch.as_tensor(ex['input_ids'])
+            labels[i, :n] = torch.as_tensor(ex.get('labels', ex['input_ids']))
+            pos[i] = torch.cat([torch.arange(k) for k in ls] + [torch.arange(L - n)])
+        labels[pos == 0] = -100  # an example's first token is not predicted from the one before it (another example)
+        return {'input_ids': ids, 'labels': labels, 'position_ids': pos}
+
+def row_packing(trainer) -> bool:
+    """Give a packing `SFTTrainer` the `RowPackedCollator` instead of TRL's one-row padding-free collator, unless the
+    model's attention is a FlashAttention varlen kernel (which gains nothing from it). True when swapped."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    c, model = trainer.data_collator, trainer.model
+    attn = str(getattr(getattr(model, 'config', None), '_attn_implementation', '') or '')
+    if not (isinstance(c, DataCollatorForLanguageModeling) and c.padding_free and trainer.args.packing) or 'flash' in attn:
+        return False
+    trainer.data_collator = RowPackedCollator(c.pad_token_id, c.pad_to_multiple_of)
+    inner = trainer.compute_loss
+    def compute_loss(model, inputs, *args, **kw):
+        n0 = trainer._total_train_tokens
+        out = inner(model, inputs, *args, **kw)
+        if trainer._total_train_tokens != n0:  # TRL counted `position_ids.size(1)`: one row, its padding-free batch
+            n = trainer.accelerator.gather_for_metrics((inputs['input_ids'] != c.pad_token_id).sum()).sum().item()
+            trainer._total_train_tokens = n0 + n
+            trainer._metrics['train']['num_tokens'] = [trainer._total_train_tokens]
+        return out
+    trainer.compute_loss = compute_loss
+    return True
 
 # %% ../nbs/04_refinements.ipynb #a1381a05
 SOURCES = {'lr_schedule': 'Alpaca recipe (Taori et al. 2023)', 'warmup_ratio': 'Alpaca recipe (Taori et al. 2023)',

@@ -428,7 +428,8 @@ def keep_adapter_dtype(model, before:dict) -> int:
 
 def build_trainer(cfg, stage, model, tokenizer, train_ds, out_dir, callbacks=(), progress=True):
     "The HF / TRL trainer of `stage`, configured from `cfg` (refinements) and the stage's settings."
-    from .refinements import make_optimizer
+    from .refinements import make_optimizer, row_packing
+    from .adapters import fast_lora_cpu
     import huggingface_hub.constants as hub
     hub.HF_HUB_DISABLE_TELEMETRY = True  # TRL's trainers ping the hub when built; a run needs no network and sends nothing
     kw = _common_args(cfg, stage, out_dir, model, progress)
@@ -438,9 +439,11 @@ def build_trainer(cfg, stage, model, tokenizer, train_ds, out_dir, callbacks=(),
         from .data import pack_dataset
         packed, _ = pack_dataset(train_ds, tokenizer, stage.max_length)
         args = TrainingArguments(**_only(TrainingArguments, kw))
-        return Trainer(model=model, args=args, train_dataset=packed, processing_class=tokenizer,
-                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
-                       optimizers=(opt, None), callbacks=list(callbacks))
+        tr = Trainer(model=model, args=args, train_dataset=packed, processing_class=tokenizer,
+                     data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                     optimizers=(opt, None), callbacks=list(callbacks))
+        fast_lora_cpu(tr)
+        return tr
     dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
     if stage.kind == 'sft':
         from trl import SFTConfig, SFTTrainer
@@ -448,6 +451,8 @@ def build_trainer(cfg, stage, model, tokenizer, train_ds, out_dir, callbacks=(),
         tr = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
                         optimizers=(opt, None), callbacks=list(callbacks))
         keep_adapter_dtype(model, dtypes)
+        row_packing(tr)  # packed rows stay rows: no (batch x length)^2 attention mask without a varlen kernel
+        fast_lora_cpu(tr)
         return tr
     from trl import DPOConfig, DPOTrainer
     args = DPOConfig(**_only(DPOConfig, kw))
@@ -455,6 +460,7 @@ def build_trainer(cfg, stage, model, tokenizer, train_ds, out_dir, callbacks=(),
                     processing_class=tokenizer, optimizers=(opt, None), callbacks=list(callbacks))
     keep_adapter_dtype(model, dtypes)
     _set_dpo_reference(tr, stage)
+    fast_lora_cpu(tr)
     return tr
 
 # %% ../nbs/06_stages.ipynb #2eda5a2e
