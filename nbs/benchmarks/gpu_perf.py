@@ -335,8 +335,9 @@ def _cli(argv=None):
 
 def summarize(a, runs:list, paths:list, steps:int, bs:int, L:int, installed:list, peak:dict|None, done:bool) -> dict:
     "The results record of the runs so far: medians per path, the ratio, MFU against `peak`."
-    med = lambda p: sorted(x['tokens_per_s'] for x in runs if x['path'] == p)[len([x for x in runs if x['path'] == p]) // 2]
-    have = [p for p in paths if any(x['path'] == p for x in runs)]
+    ok = [x for x in runs if 'error' not in x]
+    med = lambda p: sorted(x['tokens_per_s'] for x in ok if x['path'] == p)[len([x for x in ok if x['path'] == p]) // 2]
+    have = [p for p in paths if any(x['path'] == p for x in ok)]
     res = {'machine': machine(), 'versions': versions(), 'installed': installed, 'shape': a.shape, 'config': SHAPES[a.shape],
            'kind': a.kind, 'quantization': a.quantization, 'peft': a.peft, 'repeats': a.repeats, 'steps': steps, 'batch_size': bs,
            'max_length': L, 'tokenizer': a.tokenizer, 'data_dir': a.data_dir, 'complete': done, 'runs': runs,
@@ -344,8 +345,8 @@ def summarize(a, runs:list, paths:list, steps:int, bs:int, L:int, installed:list
     if {'ours', 'trl'} <= set(res['tokens_per_s']): res['ratio'] = res['tokens_per_s']['ours'] / res['tokens_per_s']['trl']
     if peak is not None:
         res['bf16_peak_flops_per_s'] = peak['flops_per_s']
-        if runs:
-            fpt = runs[0]['flops_per_token']
+        if ok:
+            fpt = ok[0]['flops_per_token']
             res['mfu'] = {p: v * fpt / peak['flops_per_s'] for p, v in res['tokens_per_s'].items()}
     return res
 
@@ -379,9 +380,16 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(a.repeats):
         for p in paths:
-            r = measure(p, a.kind, a.shape, a.quantization, a.peft, steps, bs, L, data, tok)
-            r['peak_rss_bytes'] = peak_rss()
-            runs.append(r); print(json.dumps({k: r[k] for k in ('path', 'tokens_per_s', 'peak_memory_bytes')}), flush=True)
+            try: r = measure(p, a.kind, a.shape, a.quantization, a.peft, steps, bs, L, data, tok)
+            except Exception as e:  # out of memory, say: keep the other path's numbers and say what failed
+                import gc; gc.collect()
+                if torch.cuda.is_available(): torch.cuda.empty_cache()
+                r = {'path': p, 'error': f"{type(e).__name__}: {str(e)[:300]}"}
+                say(f"path {p} failed: {r['error']}")
+            else:
+                r['peak_rss_bytes'] = peak_rss()
+                print(json.dumps({k: r[k] for k in ('path', 'tokens_per_s', 'peak_memory_bytes')}), flush=True)
+            runs.append(r)
             out.write_text(json.dumps(summarize(a, runs, paths, steps, bs, L, installed, peak, False), indent=1, default=str))
             say(f"wrote {out} ({len(runs)} run(s))")
     res = summarize(a, runs, paths, steps, bs, L, installed, peak, True)
