@@ -8,7 +8,7 @@ BENCH = Path(__file__).resolve().parents[1] / 'nbs' / 'benchmarks'
 sys.path.insert(0, str(BENCH))
 FIELDS = ('case', 'ours_tokens_per_s', 'baseline_tokens_per_s', 'ratio', 'mfu', 'peak_memory_bytes', 'machine', 'repeats')
 SMOKE = dict(shape='tiny', steps=2, repeats=1, batch_size=4, max_length=48, n_train=64, dpo_steps=2, memory_steps=2,
-             memory_configs=['4bit/lora'], levers=['packing'], profile_steps=2)
+             memory_configs=['4bit/lora'], levers=['packing', 'row_packing'], profile_steps=2)
 
 @pytest.fixture(scope='module')
 def smoke(tmp_path_factory):
@@ -23,7 +23,7 @@ def smoke(tmp_path_factory):
 def test_smoke_records(smoke):
     td, res = smoke
     cases = [r['case'] for r in res['records']]
-    assert cases == ['sft_lora', 'dpo_lora', 'lever_packing', 'memory_4bit_lora']
+    assert cases == ['sft_lora', 'dpo_lora', 'lever_packing', 'lever_row_packing', 'memory_4bit_lora']
     for r in res['records']:
         for f in FIELDS: assert f in r, f"{r['case']}: no {f}"
         for f in ('ours_tokens_per_s', 'baseline_tokens_per_s', 'ratio', 'mfu', 'peak_memory_bytes', 'repeats'):
@@ -262,18 +262,32 @@ def test_cli_bundle_needs_no_notebook_packages(bundle, tmp_path):
         assert re.search(stamp + what, cp.stdout), what
 
 def test_results_written_after_each_path(tmp_path, monkeypatch):
-    "A run that dies in its second path leaves the first path's results on disk (complete: false)."
+    "A run stopped in its second path leaves the first path's results on disk (complete: false)."
     import gpu_perf as g
     out, real = tmp_path / 'r.json', g.measure
     def measure(path, *a, **k):
-        if path == 'trl': raise RuntimeError('killed')
+        if path == 'trl': raise KeyboardInterrupt('killed')
         return real(path, *a, **k)
     monkeypatch.setattr(g, 'measure', measure)
-    with pytest.raises(RuntimeError, match='killed'):
+    with pytest.raises(KeyboardInterrupt, match='killed'):
         g.main(['--shape', 'tiny', '--steps', '2', '--batch_size', '4', '--max_length', '48', '--n_train', '32', '--no_install',
                 '--no_peak', '--quiet', '--threads', '1', '--out', str(out)])
     res = json.loads(out.read_text())
     assert res['complete'] is False and [r['path'] for r in res['runs']] == ['ours'] and res['tokens_per_s']['ours'] > 0
+
+def test_a_failing_path_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    "An error in one path (out of memory, say) is written as that run's `error`; the other path's numbers stay."
+    import gpu_perf as g
+    out, real = tmp_path / 'r.json', g.measure
+    def measure(path, *a, **k):
+        if path == 'ours': raise RuntimeError('CUDA out of memory')
+        return real(path, *a, **k)
+    monkeypatch.setattr(g, 'measure', measure)
+    g.main(['--shape', 'tiny', '--steps', '2', '--batch_size', '4', '--max_length', '48', '--n_train', '32', '--no_install',
+            '--no_peak', '--quiet', '--threads', '1', '--out', str(out)])
+    res = json.loads(out.read_text())
+    assert res['complete'] is True and res['runs'][0] == {'path': 'ours', 'error': 'RuntimeError: CUDA out of memory'}
+    assert list(res['tokens_per_s']) == ['trl'] and 'ratio' not in res
 
 def test_out_defaults_under_OUT(monkeypatch, tmp_path):
     import gpu_perf as g
@@ -281,3 +295,16 @@ def test_out_defaults_under_OUT(monkeypatch, tmp_path):
     assert g._cli([]).out == str(tmp_path / 'gpu_perf.json')
     monkeypatch.delenv('OUT')
     assert g._cli([]).out == 'gpu_perf.json'
+
+def test_ours_trainer_speedups_can_be_left_out(tmp_path):
+    "The levers `row_packing` and `fast_lora` measure our trainer without each speed-up: TRL's collator, torch's dropout."
+    import gpu_perf as g, torch
+    from typhoon_nb.refinements import RowPackedCollator
+    from typhoon_nb.adapters import FastDropout
+    tok = g.tokenizer(); data = g.load_data('sft', tok, 48, 32)
+    kinds = lambda tr: (type(tr.data_collator).__name__, {type(m).__name__ for n, m in tr.model.named_modules() if n.endswith('lora_dropout.default')})
+    mk = lambda **kw: g.ours_trainer('sft', 'tiny', 'none', 'lora', 1, 4, 48, data, tok, g.Clock(), 'cpu', str(tmp_path), **kw)
+    assert kinds(mk()) == ('RowPackedCollator', {'FastDropout'})
+    assert kinds(mk(off=('row_packing',))) == ('DataCollatorForLanguageModeling', {'FastDropout'})
+    assert kinds(mk(off=('fast_lora',))) == ('RowPackedCollator', {'Dropout'})
+    with pytest.raises(ValueError, match='unknown speed-up'): mk(off=('warp',))

@@ -211,8 +211,13 @@ def _quiet(trainer):
     return trainer
 
 def ours_trainer(kind:str, shape:str, quantization:str, peft:str, steps:int, batch_size:int, max_length:int, data, tok,
-                 clock, dev:str, out_dir:str, precision:str='auto', lr:float=2e-4, args:dict|None=None, **overrides):
-    "Our path: the loader's precision and quantization, `apply_peft`, and the trainer `typhoon_nb.stages.build_trainer` builds."
+                 clock, dev:str, out_dir:str, precision:str='auto', lr:float=2e-4, args:dict|None=None, off:tuple=(), **overrides):
+    """Our path: the loader's precision and quantization, `apply_peft`, and the trainer `typhoon_nb.stages.build_trainer` builds.
+    `off` names speed-ups of that trainer to leave out, for measuring them: `row_packing` (TRL's one-row padding-free
+    batches instead), `fast_lora` (torch's dropout and PEFT's input casts)."""
+    import contextlib
+    from unittest import mock
+    import typhoon_nb.refinements as refinements, typhoon_nb.adapters as adapters
     from typhoon_nb.config import RunConfig, StageConfig
     from typhoon_nb.loader import resolve_precision, quantization_config, quantize_in_place
     from typhoon_nb.adapters import apply_peft
@@ -229,7 +234,12 @@ def ours_trainer(kind:str, shape:str, quantization:str, peft:str, steps:int, bat
         quantize_in_place(model, model.config.quantization_config, dev)
     say(f"ours: adding {peft} adapters and building the trainer")
     model, _ = apply_peft(model, cfg)
-    tr = build_trainer(cfg, stage, model, tok, data, out_dir, [clock], progress=False)
+    unknown = set(off) - {'row_packing', 'fast_lora'}
+    if unknown: raise ValueError(f"off: unknown speed-up(s) {sorted(unknown)}; known: row_packing, fast_lora")
+    with contextlib.ExitStack() as stack:
+        if 'row_packing' in off: stack.enter_context(mock.patch.object(refinements, 'row_packing', lambda tr: False))
+        if 'fast_lora' in off: stack.enter_context(mock.patch.object(adapters, 'fast_lora_cpu', lambda tr: {}))
+        tr = build_trainer(cfg, stage, model, tok, data, out_dir, [clock], progress=False)
     tr.args.include_num_input_tokens_seen = 'non_padding'
     for k, v in (args or {}).items(): setattr(tr.args, k, v)  # settings read when training starts (dataloader)
     return _quiet(tr)
