@@ -1,5 +1,6 @@
 import os, sys
 from pathlib import Path
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -9,3 +10,33 @@ os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 def pytest_configure(config):
     for m in ('slow: long-running (skipped unless --runslow)', 'cuda: needs a GPU'):
         config.addinivalue_line('markers', m)
+
+
+# --- headless Chromium for the browser tests (Debian's `chromium`, driven by Playwright: no browser download) -----
+CHROMIUM = Path(os.environ.get('TYPHOON_NB_CHROMIUM', '/usr/bin/chromium'))
+
+def chromium_missing(*files:Path) -> str | None:
+    "Why the browser tests cannot run here (None when they can): Chromium, playwright, nbconvert, and `files` (npm scripts)."
+    if not CHROMIUM.is_file(): return f"{CHROMIUM} not found (apt-get install -y --no-install-recommends chromium)"
+    try: import playwright.sync_api  # noqa: F401
+    except ImportError: return "Python package playwright not installed (pip install playwright; no browser download needed)"
+    for p in files:
+        if not Path(p).is_file(): return f"{p} not found (npm ci --prefix tests/browser)"
+    try: import nbconvert  # noqa: F401
+    except ImportError: return "nbconvert not installed (pip install nbconvert)"
+    return None
+
+@pytest.fixture
+def chromium_page():
+    "A headless Chromium page (file URLs allowed) and the list its JavaScript errors go to; closed after the test."
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                     args=['--no-sandbox', '--allow-file-access-from-files', '--disable-gpu'])
+        try:
+            page = browser.new_page(viewport={'width': 1280, 'height': 900})
+            errors = []
+            page.on('pageerror', lambda e: errors.append(str(e)))
+            yield page, errors
+        finally:
+            browser.close()

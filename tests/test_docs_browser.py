@@ -2,7 +2,6 @@
 download). Fails on a broken internal link or anchor, a Python traceback in a page, a page missing from the
 navigation, or a JavaScript error. The home page's screenshot goes to tests/artifacts/docs/home.png.
 """
-import os
 from pathlib import Path
 from urllib.parse import urlparse, unquote
 
@@ -11,19 +10,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 NBS = ROOT / 'nbs'
 ART = ROOT / 'tests' / 'artifacts' / 'docs'
-CHROMIUM = Path(os.environ.get('TYPHOON_NB_CHROMIUM', '/usr/bin/chromium'))
+from conftest import chromium_missing
 
-
-def _missing():
-    if not CHROMIUM.is_file(): return f"{CHROMIUM} not found (apt-get install -y --no-install-recommends chromium)"
-    try: import playwright.sync_api  # noqa: F401
-    except ImportError: return "Python package playwright not installed (pip install playwright; no browser download needed)"
-    try: import nbconvert  # noqa: F401
-    except ImportError: return "nbconvert not installed (pip install nbconvert)"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_missing() is not None, reason=f"docs browser check needs: {_missing()}")
+pytestmark = pytest.mark.skipif(chromium_missing() is not None, reason=f"docs browser check needs: {chromium_missing()}")
 
 PAGE_JS = """() => ({
   ids: Array.from(document.querySelectorAll('[id]')).map(e => e.id),
@@ -36,8 +25,7 @@ PAGE_JS = """() => ({
 })"""
 
 
-def test_every_page_in_chromium(tmp_path):
-    from playwright.sync_api import sync_playwright
+def test_every_page_in_chromium(tmp_path, chromium_page):
     from typhoon_nb.site import build_site, read_sidebar
     site = tmp_path / 'site'
     rep = build_site(NBS, site)
@@ -46,28 +34,20 @@ def test_every_page_in_chromium(tmp_path):
     pages = {href: None for _, href, _ in rep.pages}
     problems = []
     ART.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                     args=['--no-sandbox', '--allow-file-access-from-files', '--disable-gpu'])
-        try:
-            page = browser.new_page(viewport={'width': 1280, 'height': 900})
-            js_errors = []
-            page.on('pageerror', lambda e: js_errors.append(str(e)))
-            for href in pages:
-                js_errors.clear()
-                page.goto((site / href).as_uri())
-                info = page.evaluate(PAGE_JS)
-                if href == 'index.html': page.screenshot(path=str(ART / 'home.png'))
-                pages[href] = info
-                if info['nav'] != expected_nav: problems.append(f"{href}: navigation differs from sidebar.yml")
-                if info['active'] != [href]: problems.append(f"{href}: marked {info['active']} as the current page")
-                if 'Traceback (most recent call last)' in info['text'] or info['errors']:
-                    problems.append(f"{href}: a Python traceback in the page")
-                for src, w in info['images']:
-                    if src.startswith('file:') and w == 0: problems.append(f"{href}: image {src} did not load")
-                problems += [f"{href}: JavaScript error {e}" for e in js_errors]
-        finally:
-            browser.close()
+    page, js_errors = chromium_page
+    for href in pages:
+        js_errors.clear()
+        page.goto((site / href).as_uri())
+        info = page.evaluate(PAGE_JS)
+        if href == 'index.html': page.screenshot(path=str(ART / 'home.png'))
+        pages[href] = info
+        if info['nav'] != expected_nav: problems.append(f"{href}: navigation differs from sidebar.yml")
+        if info['active'] != [href]: problems.append(f"{href}: marked {info['active']} as the current page")
+        if 'Traceback (most recent call last)' in info['text'] or info['errors']:
+            problems.append(f"{href}: a Python traceback in the page")
+        for src, w in info['images']:
+            if src.startswith('file:') and w == 0: problems.append(f"{href}: image {src} did not load")
+        problems += [f"{href}: JavaScript error {e}" for e in js_errors]
     for href, info in pages.items():
         for url in info['links']:
             u = urlparse(url)

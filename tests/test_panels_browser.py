@@ -6,29 +6,19 @@ Needs Debian's `chromium`, the Python `playwright` package (no browser download:
 the npm packages of tests/browser/package.json (`npm ci --prefix tests/browser`). Screenshots go to
 tests/artifacts/browser/.
 """
-import json, os, shutil, sys
+import json, shutil, sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BROWSER = ROOT / 'tests' / 'browser'
-CHROMIUM = Path(os.environ.get('TYPHOON_NB_CHROMIUM', '/usr/bin/chromium'))
 NODE = BROWSER / 'node_modules'
 SCRIPTS = {'require.js': NODE / 'requirejs' / 'require.js',
            'embed-amd.js': NODE / '@jupyter-widgets' / 'html-manager' / 'dist' / 'embed-amd.js'}
 ARTIFACTS = ROOT / 'tests' / 'artifacts' / 'browser'
-
-
-def _missing() -> str | None:
-    if not CHROMIUM.is_file(): return f"{CHROMIUM} not found (apt-get install -y --no-install-recommends chromium)"
-    try: import playwright.sync_api  # noqa: F401
-    except ImportError: return "Python package playwright not installed (pip install playwright; no browser download needed)"
-    for name, p in SCRIPTS.items():
-        if not p.is_file(): return f"{p} not found (npm ci --prefix tests/browser)"
-    try: import nbconvert  # noqa: F401
-    except ImportError: return "nbconvert not installed (pip install nbconvert)"
-    return None
+from conftest import chromium_missing
+_missing = lambda: chromium_missing(*SCRIPTS.values())
 
 
 pytestmark = pytest.mark.skipif(_missing() is not None, reason=f"browser test needs: {_missing()}")
@@ -84,58 +74,49 @@ PIXELS_JS = """(img) => {
 }""" % LINE_RGB
 
 
-def test_panels_in_chromium(exported):
+def test_panels_in_chromium(exported, chromium_page):
     "Chromium shows the saved widgets: toggles with their values, a full progress bar, a drawn loss curve."
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                     args=['--no-sandbox', '--allow-file-access-from-files', '--disable-gpu'])
-        try:
-            page = browser.new_page(viewport={'width': 1200, 'height': 900})
-            errors = []
-            page.on('pageerror', lambda e: errors.append(str(e)))
-            page.goto(exported['html'].as_uri())
-            page.wait_for_selector('.widget-tab', timeout=60_000)
-            page.wait_for_selector('img.widget-image', timeout=60_000)
-            page.wait_for_timeout(500)
-            page.screenshot(path=str(ARTIFACTS / 'panels.png'), full_page=True)
-            # TechniquePanel: the Model tab shows quantization 'none'; the PEFT tab shows 'both', lora_r 8, prefix 4
-            tabs = page.locator('.widget-tab').first
-            active = lambda: [t.inner_text().strip() for t in tabs.locator('.widget-toggle-button.mod-active').all() if t.is_visible()]
-            assert active() == ['auto', 'none'], active()
-            tabs.locator('.lm-TabBar-tab', has_text='PEFT').click()
-            page.wait_for_timeout(300)
-            assert 'both' in active(), active()
-            lora_r = tabs.locator('.widget-inline-hbox', has_text='lora_r').locator('input').first
-            assert lora_r.input_value() == '8'
-            prefix = tabs.locator('.widget-inline-hbox', has_text='prefix_tokens').locator('input').first
-            assert prefix.input_value() == '4'
-            tp_box = page.locator('.widget-vbox', has=page.locator('.widget-tab')).first
-            tp_box.screenshot(path=str(ARTIFACTS / 'technique_panel.png'))   # on the PEFT tab
-            tabs.locator('.lm-TabBar-tab', has_text='Patches').click()
-            page.wait_for_timeout(300)
-            gqa = tabs.locator('.widget-checkbox', has_text='use_gqa').locator('input[type=checkbox]').first
-            assert gqa.is_checked()
-            rwkv = tabs.locator('.widget-checkbox', has_text='use_rwkv').locator('input[type=checkbox]').first
-            assert not rwkv.is_checked()
-            # RunPanel: the stage's bar is full, the loss plot has its line drawn
-            bar = page.locator('.widget-hprogress .progress-bar').first
-            bar_w = bar.evaluate('e => e.getBoundingClientRect().width')
-            track_w = bar.evaluate('e => e.parentElement.getBoundingClientRect().width')
-            assert bar_w > 0 and abs(bar_w - track_w) <= 1, (bar_w, track_w)
-            imgs = page.locator('img.widget-image')
-            assert imgs.count() == 2      # the run panel's and the compare panel's loss plots
-            run_plot = imgs.nth(0).evaluate(PIXELS_JS)
-            assert run_plot['w'] > 100 and run_plot['line'] > 100, run_plot
-            run_box = page.locator('.widget-vbox', has=page.locator('.widget-hprogress')).first
-            run_box.screenshot(path=str(ARTIFACTS / 'run_panel.png'))
-            # ComparePanel: the run is listed and selected; its curve is drawn
-            sel = page.locator('.widget-select-multiple select').first
-            assert sel.evaluate('e => Array.from(e.selectedOptions).map(o => o.textContent)') == ['browser']
-            cmp_plot = imgs.nth(1).evaluate(PIXELS_JS)
-            assert cmp_plot['line'] > 100, cmp_plot
-            page.locator('.widget-vbox', has=page.locator('.widget-select-multiple')).first.screenshot(
-                path=str(ARTIFACTS / 'compare_panel.png'))
-            assert not errors, errors
-        finally:
-            browser.close()
+    page, errors = chromium_page
+    page.goto(exported['html'].as_uri())
+    page.wait_for_selector('.widget-tab', timeout=60_000)
+    page.wait_for_selector('img.widget-image', timeout=60_000)
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(ARTIFACTS / 'panels.png'), full_page=True)
+    # TechniquePanel: the Model tab shows quantization 'none'; the PEFT tab shows 'both', lora_r 8, prefix 4
+    tabs = page.locator('.widget-tab').first
+    active = lambda: [t.inner_text().strip() for t in tabs.locator('.widget-toggle-button.mod-active').all() if t.is_visible()]
+    assert active() == ['auto', 'none'], active()
+    tabs.locator('.lm-TabBar-tab', has_text='PEFT').click()
+    page.wait_for_timeout(300)
+    assert 'both' in active(), active()
+    lora_r = tabs.locator('.widget-inline-hbox', has_text='lora_r').locator('input').first
+    assert lora_r.input_value() == '8'
+    prefix = tabs.locator('.widget-inline-hbox', has_text='prefix_tokens').locator('input').first
+    assert prefix.input_value() == '4'
+    tp_box = page.locator('.widget-vbox', has=page.locator('.widget-tab')).first
+    tp_box.screenshot(path=str(ARTIFACTS / 'technique_panel.png'))   # on the PEFT tab
+    tabs.locator('.lm-TabBar-tab', has_text='Patches').click()
+    page.wait_for_timeout(300)
+    gqa = tabs.locator('.widget-checkbox', has_text='use_gqa').locator('input[type=checkbox]').first
+    assert gqa.is_checked()
+    rwkv = tabs.locator('.widget-checkbox', has_text='use_rwkv').locator('input[type=checkbox]').first
+    assert not rwkv.is_checked()
+    # RunPanel: the stage's bar is full, the loss plot has its line drawn
+    bar = page.locator('.widget-hprogress .progress-bar').first
+    bar_w = bar.evaluate('e => e.getBoundingClientRect().width')
+    track_w = bar.evaluate('e => e.parentElement.getBoundingClientRect().width')
+    assert bar_w > 0 and abs(bar_w - track_w) <= 1, (bar_w, track_w)
+    imgs = page.locator('img.widget-image')
+    assert imgs.count() == 2      # the run panel's and the compare panel's loss plots
+    run_plot = imgs.nth(0).evaluate(PIXELS_JS)
+    assert run_plot['w'] > 100 and run_plot['line'] > 100, run_plot
+    run_box = page.locator('.widget-vbox', has=page.locator('.widget-hprogress')).first
+    run_box.screenshot(path=str(ARTIFACTS / 'run_panel.png'))
+    # ComparePanel: the run is listed and selected; its curve is drawn
+    sel = page.locator('.widget-select-multiple select').first
+    assert sel.evaluate('e => Array.from(e.selectedOptions).map(o => o.textContent)') == ['browser']
+    cmp_plot = imgs.nth(1).evaluate(PIXELS_JS)
+    assert cmp_plot['line'] > 100, cmp_plot
+    page.locator('.widget-vbox', has=page.locator('.widget-select-multiple')).first.screenshot(
+        path=str(ARTIFACTS / 'compare_panel.png'))
+    assert not errors, errors
