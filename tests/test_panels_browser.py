@@ -6,7 +6,7 @@ Needs Debian's `chromium`, the Python `playwright` package (no browser download:
 the npm packages of tests/browser/package.json (`npm ci --prefix tests/browser`). Screenshots go to
 tests/artifacts/browser/.
 """
-import json, shutil, sys
+import json, shutil
 from pathlib import Path
 
 import pytest
