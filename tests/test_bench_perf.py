@@ -308,3 +308,12 @@ def test_ours_trainer_speedups_can_be_left_out(tmp_path):
     assert kinds(mk(off=('row_packing',))) == ('DataCollatorForLanguageModeling', {'FastDropout'})
     assert kinds(mk(off=('fast_lora',))) == ('RowPackedCollator', {'Dropout'})
     with pytest.raises(ValueError, match='unknown speed-up'): mk(off=('warp',))
+
+def test_cli_ours_checkpointing(tmp_path):
+    "--ours_checkpointing measures our path with gradient checkpointing on (the memory side of the trade)."
+    import gpu_perf as g
+    out = tmp_path / 'r.json'
+    g.main(['--shape', 'tiny', '--paths', 'ours', '--ours_checkpointing', '--steps', '2', '--batch_size', '4', '--max_length', '48',
+            '--n_train', '32', '--no_install', '--no_peak', '--quiet', '--threads', '1', '--out', str(out)])
+    runs = json.loads(out.read_text())['runs']
+    assert [(r['path'], r['gradient_checkpointing']) for r in runs] == [('ours', True)]

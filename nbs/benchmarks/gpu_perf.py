@@ -338,6 +338,7 @@ def _cli(argv=None):
     ap.add_argument('--no_install', action='store_true', help='do not pip-install missing packages')
     ap.add_argument('--no_peak', action='store_true', help='skip the matmul peak (no MFU)')
     ap.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
+    ap.add_argument('--ours_checkpointing', action='store_true', help='our path with gradient checkpointing on (memory against speed)')
     ap.add_argument('--quiet', action='store_true', help='no progress lines')
     ap.add_argument('--out', default=str(Path(os.environ['OUT']) / 'gpu_perf.json') if os.environ.get('OUT') else 'gpu_perf.json',
                     help='results JSON, rewritten after each path (default: $OUT/gpu_perf.json where $OUT is set)')
@@ -390,7 +391,8 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(a.repeats):
         for p in paths:
-            try: r = measure(p, a.kind, a.shape, a.quantization, a.peft, steps, bs, L, data, tok)
+            kw = {'gradient_checkpointing': True} if p == 'ours' and a.ours_checkpointing else {}
+            try: r = measure(p, a.kind, a.shape, a.quantization, a.peft, steps, bs, L, data, tok, **kw)
             except Exception as e:  # out of memory, say: keep the other path's numbers and say what failed
                 import gc; gc.collect()
                 if torch.cuda.is_available(): torch.cuda.empty_cache()
