@@ -8,7 +8,7 @@ BENCH = Path(__file__).resolve().parents[1] / 'nbs' / 'benchmarks'
 sys.path.insert(0, str(BENCH))
 FIELDS = ('case', 'ours_tokens_per_s', 'baseline_tokens_per_s', 'ratio', 'mfu', 'peak_memory_bytes', 'machine', 'repeats')
 SMOKE = dict(shape='tiny', steps=2, repeats=1, batch_size=4, max_length=48, n_train=64, dpo_steps=2, memory_steps=2,
-             memory_configs=['4bit/lora'], levers=['packing', 'row_packing'], profile_steps=2)
+             memory_configs=['4bit/lora'], levers=['packing', 'row_packing'], profile_steps=2, threads=2, threads_compare=1)
 
 @pytest.fixture(scope='module')
 def smoke(tmp_path_factory):
@@ -23,7 +23,7 @@ def smoke(tmp_path_factory):
 def test_smoke_records(smoke):
     td, res = smoke
     cases = [r['case'] for r in res['records']]
-    assert cases == ['sft_lora', 'dpo_lora', 'lever_packing', 'lever_row_packing', 'memory_4bit_lora']
+    assert cases == ['sft_lora', 'sft_lora_threads1', 'dpo_lora', 'lever_packing', 'lever_row_packing', 'memory_4bit_lora']
     for r in res['records']:
         for f in FIELDS: assert f in r, f"{r['case']}: no {f}"
         for f in ('ours_tokens_per_s', 'baseline_tokens_per_s', 'ratio', 'mfu', 'peak_memory_bytes', 'repeats'):
@@ -32,6 +32,9 @@ def test_smoke_records(smoke):
         assert 0 < r['mfu'] < 1
         assert {'cpu', 'cores', 'torch'} <= set(r['machine'])
     assert res['bf16_peak_flops_per_s'] > 0 and (td / 'perf.png').stat().st_size > 1000
+    th = {r['case']: r['machine']['torch_threads'] for r in res['records'][:2]}
+    assert th == {'sft_lora': 2, 'sft_lora_threads1': 1}  # the headline again at threads_compare, with that count's peak
+    assert res['records'][1]['peak_flops_per_s'] != res['records'][0]['peak_flops_per_s']
 
 def test_smoke_sides_differ_as_documented(smoke):
     "Our SFT side packs padding-free without checkpointing; plain TRL keeps its defaults (bf16 autocast, checkpointing, padding)."
