@@ -8,7 +8,7 @@ BENCH = Path(__file__).resolve().parents[1] / 'nbs' / 'benchmarks'
 sys.path.insert(0, str(BENCH))
 FIELDS = ('case', 'ours_tokens_per_s', 'baseline_tokens_per_s', 'ratio', 'mfu', 'peak_memory_bytes', 'machine', 'repeats')
 SMOKE = dict(shape='tiny', steps=2, repeats=1, batch_size=4, max_length=48, n_train=64, dpo_steps=2, memory_steps=2,
-             memory_configs=['4bit/lora'], levers=['packing', 'row_packing'], profile_steps=2, threads=2, threads_compare=1)
+             memory_configs=['4bit/lora', 'none/prefix'], levers=['packing', 'row_packing'], profile_steps=2, threads=2, threads_compare=1, warmup_runs=1)
 
 @pytest.fixture(scope='module')
 def smoke(tmp_path_factory):
@@ -23,9 +23,13 @@ def smoke(tmp_path_factory):
 def test_smoke_records(smoke):
     td, res = smoke
     cases = [r['case'] for r in res['records']]
-    assert cases == ['sft_lora', 'sft_lora_threads1', 'dpo_lora', 'lever_packing', 'lever_row_packing', 'memory_4bit_lora']
+    assert cases == ['sft_lora', 'sft_lora_threads1', 'dpo_lora', 'lever_packing', 'lever_row_packing', 'memory_4bit_lora', 'memory_none_prefix']
     for r in res['records']:
         for f in FIELDS: assert f in r, f"{r['case']}: no {f}"
+        if r.get('baseline_error'):  # plain TRL cannot train prefix tuning: recorded as its error, no ratio
+            assert r['case'] == 'memory_none_prefix' and r['baseline_error'].startswith('plain TRL fails: ') and r['ratio'] is None
+            assert r['ours_tokens_per_s'] > 0 and r['peak_memory_bytes'] > 0
+            continue
         for f in ('ours_tokens_per_s', 'baseline_tokens_per_s', 'ratio', 'mfu', 'peak_memory_bytes', 'repeats'):
             assert r[f] > 0, f"{r['case']}: {f} = {r[f]}"
         assert abs(r['ratio'] - r['ours_tokens_per_s'] / r['baseline_tokens_per_s']) < 1e-9
