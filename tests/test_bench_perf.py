@@ -272,6 +272,11 @@ def test_cli_bundle_needs_no_notebook_packages(bundle, tmp_path):
     for what in ('ours: building the tiny model', 'trl: quantizing to 4bit', '  step 2: ', r'wrote .*g\.json \(1 run\(s\)\)'):
         assert re.search(stamp + what, cp.stdout), what
 
+def _tiny_main(g, out, *extra):
+    "gpu_perf.main at the tiny shape, 2 steps, no installs, no peak, one thread; results to `out`."
+    return g.main(['--shape', 'tiny', '--steps', '2', '--batch_size', '4', '--max_length', '48', '--n_train', '32', '--no_install',
+                   '--no_peak', '--quiet', '--threads', '1', '--out', str(out), *extra])
+
 def test_results_written_after_each_path(tmp_path, monkeypatch):
     "A run stopped in its second path leaves the first path's results on disk (complete: false)."
     import gpu_perf as g
@@ -281,8 +286,7 @@ def test_results_written_after_each_path(tmp_path, monkeypatch):
         return real(path, *a, **k)
     monkeypatch.setattr(g, 'measure', measure)
     with pytest.raises(KeyboardInterrupt, match='killed'):
-        g.main(['--shape', 'tiny', '--steps', '2', '--batch_size', '4', '--max_length', '48', '--n_train', '32', '--no_install',
-                '--no_peak', '--quiet', '--threads', '1', '--out', str(out)])
+        _tiny_main(g, out)
     res = json.loads(out.read_text())
     assert res['complete'] is False and [r['path'] for r in res['runs']] == ['ours'] and res['tokens_per_s']['ours'] > 0
 
@@ -294,8 +298,7 @@ def test_a_failing_path_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
         if path == 'ours': raise RuntimeError('CUDA out of memory')
         return real(path, *a, **k)
     monkeypatch.setattr(g, 'measure', measure)
-    g.main(['--shape', 'tiny', '--steps', '2', '--batch_size', '4', '--max_length', '48', '--n_train', '32', '--no_install',
-            '--no_peak', '--quiet', '--threads', '1', '--out', str(out)])
+    _tiny_main(g, out)
     res = json.loads(out.read_text())
     assert res['complete'] is True and res['runs'][0] == {'path': 'ours', 'error': 'RuntimeError: CUDA out of memory'}
     assert list(res['tokens_per_s']) == ['trl'] and 'ratio' not in res
@@ -324,7 +327,6 @@ def test_cli_ours_checkpointing(tmp_path):
     "--ours_checkpointing measures our path with gradient checkpointing on (the memory side of the trade)."
     import gpu_perf as g
     out = tmp_path / 'r.json'
-    g.main(['--shape', 'tiny', '--paths', 'ours', '--ours_checkpointing', '--steps', '2', '--batch_size', '4', '--max_length', '48',
-            '--n_train', '32', '--no_install', '--no_peak', '--quiet', '--threads', '1', '--out', str(out)])
+    _tiny_main(g, out, '--paths', 'ours', '--ours_checkpointing')
     runs = json.loads(out.read_text())['runs']
     assert [(r['path'], r['gradient_checkpointing']) for r in runs] == [('ours', True)]
