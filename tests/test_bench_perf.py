@@ -277,14 +277,19 @@ def _tiny_main(g, out, *extra):
     return g.main(['--shape', 'tiny', '--steps', '2', '--batch_size', '4', '--max_length', '48', '--n_train', '32', '--no_install',
                    '--no_peak', '--quiet', '--threads', '1', '--out', str(out), *extra])
 
+def _failing(g, monkeypatch, bad:str, exc:BaseException):
+    "Make gpu_perf.measure raise `exc` for the path `bad` (the other path measures as usual)."
+    real = g.measure
+    def measure(path, *a, **k):
+        if path == bad: raise exc
+        return real(path, *a, **k)
+    monkeypatch.setattr(g, 'measure', measure)
+
 def test_results_written_after_each_path(tmp_path, monkeypatch):
     "A run stopped in its second path leaves the first path's results on disk (complete: false)."
     import gpu_perf as g
-    out, real = tmp_path / 'r.json', g.measure
-    def measure(path, *a, **k):
-        if path == 'trl': raise KeyboardInterrupt('killed')
-        return real(path, *a, **k)
-    monkeypatch.setattr(g, 'measure', measure)
+    out = tmp_path / 'r.json'
+    _failing(g, monkeypatch, 'trl', KeyboardInterrupt('killed'))
     with pytest.raises(KeyboardInterrupt, match='killed'):
         _tiny_main(g, out)
     res = json.loads(out.read_text())
@@ -293,11 +298,8 @@ def test_results_written_after_each_path(tmp_path, monkeypatch):
 def test_a_failing_path_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     "An error in one path (out of memory, say) is written as that run's `error`; the other path's numbers stay."
     import gpu_perf as g
-    out, real = tmp_path / 'r.json', g.measure
-    def measure(path, *a, **k):
-        if path == 'ours': raise RuntimeError('CUDA out of memory')
-        return real(path, *a, **k)
-    monkeypatch.setattr(g, 'measure', measure)
+    out = tmp_path / 'r.json'
+    _failing(g, monkeypatch, 'ours', RuntimeError('CUDA out of memory'))
     _tiny_main(g, out)
     res = json.loads(out.read_text())
     assert res['complete'] is True and res['runs'][0] == {'path': 'ours', 'error': 'RuntimeError: CUDA out of memory'}
