@@ -409,3 +409,25 @@ def test_qlora_adapters_train_in_fp32_so_weight_decay_acts(tmp_path):
     assert all(t.dtype == torch.float32 for t in w[0.0].values())
     diff = max(float((w[0.0][k] - w[0.5][k]).abs().max()) for k in w[0.0])
     assert diff > 1e-6, diff
+
+# --- per-task exact match and the held-out samples -----------------------------------------------------------------
+def test_sft_reports_exact_match_per_task_and_samples(tmp_path):
+    "summary.json holds exact match per demo task before and after SFT, consistent with the overall number; the manifest keeps samples."
+    from typhoon_nb.stages import run, demo_checks
+    from typhoon_nb.curriculum import DEMO_TASKS, demo_task, demo_curriculum
+    from typhoon_nb.jobs import result_from_folder
+    cfg = micro_cfg(tmp_path, [SFT | {'max_steps': 2, 'eval_samples': 40}], run_name='tasks')
+    res = run(cfg, progress=False, verbose=False)
+    sft = json.loads((Path(res.run_dir) / 'summary.json').read_text())['stages']['sft']
+    n = {t: sum(demo_task(r) == t for r in demo_curriculum(seed=cfg.seed)['sft_eval'][:40]) for t in DEMO_TASKS}
+    for when in ('before', 'after'):
+        by = sft[f'exact_match_by_task_{when}']
+        assert set(by) == set(DEMO_TASKS) and all(0 <= v <= 1 for v in by.values()), by
+        assert abs(sum(by[t] * n[t] for t in DEMO_TASKS) / 40 - sft[f'exact_match_{when}']) < 1e-9
+    checks = {w: ok for w, _, ok in demo_checks({'stages': {'sft': sft}})}
+    assert checks['sft: exact match on add (reported)'] is None and 'sft: exact match on to_arabic >= 50%' in checks
+    samples = json.loads((Path(res.run_dir) / 'manifest.json').read_text())['stages']['sft']['samples']
+    assert [demo_task(s['prompt']) for s in samples] == list(DEMO_TASKS)
+    assert all({'prompt', 'expected', 'before', 'after'} <= set(s) for s in samples)
+    table = str(result_from_folder(res.run_dir))
+    assert 'exact_match.to_thai_digits' in table and samples[0]['prompt'] in table

@@ -44,11 +44,11 @@ def strip_polite(text:str) -> str:
 # %% ../nbs/01a_curriculum.ipynb #f8a9fa47
 DEMO_TASKS = ('to_words', 'to_thai_digits', 'to_arabic', 'add')
 TASK_WEIGHTS = {'to_words': 0.3, 'to_thai_digits': 0.25, 'to_arabic': 0.25, 'add': 0.2}
-_PROMPTS = {
-    'to_words': ('{n} อ่านเป็นคำไทยว่าอย่างไร', 'เขียน {n} เป็นคำอ่านภาษาไทย'),
-    'to_thai_digits': ('เขียน {n} เป็นเลขไทย', 'แปลง {n} เป็นเลขไทย'),
-    'to_arabic': ('เขียน {t} เป็นเลขอารบิก', 'แปลง {t} เป็นเลขอารบิก'),
-    'add': ('{a} บวก {b} เท่ากับเท่าไร', 'ผลบวกของ {a} กับ {b} คือเท่าไร'),
+_PROMPTS = {  # the number last: the answer reads it at a distance that depends only on its length
+    'to_words': ('อ่านเป็นคำไทย: {n}', 'คำอ่านภาษาไทยของ {n}'),
+    'to_thai_digits': ('เขียนเป็นเลขไทย: {n}', 'เลขไทยของ {n}'),
+    'to_arabic': ('เขียนเป็นเลขอารบิก: {t}', 'เลขอารบิกของ {t}'),
+    'add': ('บวกเลข: {a} + {b}', 'ผลบวกของ {a} กับ {b}'),
 }
 
 def task_item(task:str, nums:tuple, variant:int=0) -> tuple[str, str]:

@@ -10,7 +10,7 @@ import torch
 
 # %% auto #0
 __all__ = ['eval_mode', 'perplexity', 'generate_answers', 'exact_match', 'style_rate', 'completion_logps', 'completion_loss',
-           'preference_accuracy', 'evaluate_stage']
+           'preference_accuracy', 'continue_texts', 'exact_match_by_task', 'evaluate_stage']
 
 # %% ../nbs/05_evaluate.ipynb #92426e1d
 @contextlib.contextmanager
@@ -64,7 +64,7 @@ def _stop_ids(tokenizer):
 
 # %% ../nbs/05_evaluate.ipynb #6ba89009
 def _norm(s:str) -> str:
-    from .data import strip_polite
+    from typhoon_nb.data import strip_polite
     return ' '.join(strip_polite(s).split())
 
 def exact_match(preds:list[str], refs:list[str]) -> float:
@@ -74,7 +74,7 @@ def exact_match(preds:list[str], refs:list[str]) -> float:
 
 def style_rate(preds:list[str]) -> float:
     "Share of `preds` in the preferred (polite) style."
-    from .data import is_polite
+    from typhoon_nb.data import is_polite
     return sum(bool(is_polite(p)) for p in preds) / max(len(preds), 1)
 
 # %% ../nbs/05_evaluate.ipynb #1b141422
@@ -125,23 +125,64 @@ def preference_accuracy(model, tokenizer, records:list[dict], reference:Optional
     return {'preference_accuracy': float((margin > 0).float().mean()), 'reward_margin': float(margin.mean()),
             'logp_preference_accuracy': float((pc > pr).float().mean())}
 
+# %% ../nbs/05_evaluate.ipynb #57fd3dca
+def continue_texts(model, tokenizer, texts:list[str], max_new_tokens:int=24) -> list[str]:
+    "Greedy continuations of plain `texts` (no chat template), stopped at the end of the line."
+    side, tokenizer.padding_side = tokenizer.padding_side, 'left'
+    try:
+        with eval_mode(model):
+            enc = tokenizer(texts, return_tensors='pt', padding=True).to(_device(model))
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=_stop_ids(tokenizer))
+            out = tokenizer.batch_decode(gen[:, enc['input_ids'].shape[1]:], skip_special_tokens=True)
+    finally: tokenizer.padding_side = side
+    return [o.split('\n')[0].strip() for o in out]
+
+def _split_text(t:str) -> tuple[str, str]:
+    "A held-out sentence cut before its last third of words: (what the model reads, what it should write)."
+    w = t.split(' ')
+    k = max(1, len(w) - max(1, len(w) // 3))
+    return ' '.join(w[:k]), ' '.join(w[k:])
+
+def _sample_idx(prompts, n:int) -> list[int]:
+    "Indices of `n` samples: the first prompt of each demo task (in task order), then the next prompts."
+    from typhoon_nb.curriculum import demo_task, DEMO_TASKS
+    first = {}
+    for i, p in enumerate(prompts): first.setdefault(demo_task(p), i)
+    idx = [first[t] for t in DEMO_TASKS if t in first][:n]
+    return idx + [i for i in range(len(prompts)) if i not in idx][:n - len(idx)]
+
+def exact_match_by_task(prompts, preds:list[str], refs:list[str]) -> dict:
+    "Exact match per demo task (`demo_task` of each prompt), for the prompts that belong to one."
+    from typhoon_nb.curriculum import demo_task, DEMO_TASKS
+    tasks = [demo_task(p) for p in prompts]
+    return {t: exact_match([p for p, k in zip(preds, tasks) if k == t], [r for r, k in zip(refs, tasks) if k == t])
+            for t in DEMO_TASKS if t in tasks}
+
 # %% ../nbs/05_evaluate.ipynb #94317816
 def evaluate_stage(kind:str, model, tokenizer, eval_records:list[dict], n:int=64, max_length:int=256, beta:float=0.1,
-                   reference:Optional[Callable]=None, ref_model=None, n_samples:int=3, max_new_tokens:int=24) -> dict:
+                   reference:Optional[Callable]=None, ref_model=None, n_samples:int=4, max_new_tokens:int=24) -> dict:
     "Held-out metrics for a stage of `kind` on the first `n` `eval_records` (normalised schema of that kind)."
     recs = list(eval_records)[:n]
     if not recs: return {}
     res = {}
     if kind == 'pretrain':
-        res['perplexity'] = perplexity(model, tokenizer, [r['text'] for r in recs], max_length=max_length)
+        texts = [r['text'] for r in recs]
+        res['perplexity'] = perplexity(model, tokenizer, texts, max_length=max_length)
+        if n_samples:
+            cut = [_split_text(t) for t in texts[:n_samples]]
+            gen = continue_texts(model, tokenizer, [c[0] for c in cut], max_new_tokens=max_new_tokens)
+            res['samples'] = [{'prompt': p, 'expected': e, 'generated': g} for (p, e), g in zip(cut, gen)]
         return res
     prompts = [r['prompt'] for r in recs]
     preds = generate_answers(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
     refs = [(r['completion'] if kind == 'sft' else r['chosen'])[-1]['content'] for r in recs]
     res['exact_match'] = exact_match(preds, refs)
+    if by := exact_match_by_task(prompts, preds, refs): res['exact_match_by_task'] = by
     res['style_rate'] = style_rate(preds)
     if kind == 'sft': res['completion_loss'] = completion_loss(model, tokenizer, prompts, [r['completion'] for r in recs])
     if kind == 'dpo':
         res.update(preference_accuracy(model, tokenizer, recs, reference=reference, ref_model=ref_model, beta=beta))
-    res['samples'] = [{'prompt': p[-1]['content'], 'expected': r, 'generated': g} for p, r, g in zip(prompts, refs, preds)][:n_samples]
+    res['samples'] = [{'prompt': prompts[i][-1]['content'], 'expected': refs[i], 'generated': preds[i]}
+                      for i in _sample_idx(prompts, n_samples)]
     return res

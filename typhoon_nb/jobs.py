@@ -413,10 +413,10 @@ def main(argv:Optional[list]=None) -> int:
         if cmd == 'rerun': return _train(_rerun(a.run))
         if cmd == 'worker': worker(a.run); return 0
         if cmd == 'demo':
-            from .stages import demo_checks
+            from .stages import demo_checks, format_checks
             rd = execute_job(RunConfig(output_dir=a.output_dir, run_name=a.run_name or 'demo-' + datetime.datetime.now().strftime('%Y%m%d-%H%M%S')))
             print('\n' + str(result_from_folder(rd)) + '\n')
-            for what, got, ok in demo_checks(_read_json(rd / 'summary.json')): print(f"  {'ok  ' if ok else 'MISS'} {what:<40} {got}")
+            print(format_checks(demo_checks(_read_json(rd / 'summary.json'))))
             print(f"\nrun folder: {rd}"); return 0
     except (ConfigError, JobError) as e:
         print(f"typhoon-nb {cmd}: {e}", file=sys.stderr); return 2

@@ -12,12 +12,13 @@ from typing import Callable, Optional
 from .config import RunConfig, StageConfig, ConfigError, stage_view
 
 # %% auto #0
-__all__ = ['COMPLETE', 'STAGING', 'TRANSFER_DIR', 'RunError', 'StageResult', 'RunResult', 'write_json', 'stage_dir',
-           'prepare_run_dir', 'rank', 'world_size', 'is_main', 'init_distributed', 'barrier', 'attach_run_dir',
-           'MetricsLogger', 'StopControl', 'NonFiniteGuard', 'checkpoint_files', 'mark_complete', 'verify_checkpoint',
-           'last_complete_checkpoint', 'refuse_pickle_weights', 'atomic_dir', 'atomic_checkpoints', 'train_or_restore',
-           'keep_adapter_dtype', 'build_trainer', 'dpo_reference_context', 'load_all_data', 'load_full_weights',
-           'attention_transfer_stage', 'restore_or_transfer', 'run', 'read_metrics', 'plot_run', 'demo_checks', 'demo']
+__all__ = ['COMPLETE', 'STAGING', 'TRANSFER_DIR', 'DEMO_TASK_MINIMUM', 'RunError', 'StageResult', 'RunResult', 'write_json',
+           'stage_dir', 'prepare_run_dir', 'rank', 'world_size', 'is_main', 'init_distributed', 'barrier',
+           'attach_run_dir', 'MetricsLogger', 'StopControl', 'NonFiniteGuard', 'checkpoint_files', 'mark_complete',
+           'verify_checkpoint', 'last_complete_checkpoint', 'refuse_pickle_weights', 'atomic_dir', 'atomic_checkpoints',
+           'train_or_restore', 'keep_adapter_dtype', 'build_trainer', 'dpo_reference_context', 'load_all_data',
+           'load_full_weights', 'attention_transfer_stage', 'restore_or_transfer', 'run', 'read_metrics', 'plot_run',
+           'demo_checks', 'format_checks', 'demo']
 
 # %% ../nbs/06_stages.ipynb #97765313
 class RunError(RuntimeError):
@@ -36,14 +37,20 @@ class StageResult:
     after: dict = field(default_factory=dict)
     adapter_dir: Optional[str] = None
     error: Optional[str] = None
+    samples: list = field(default_factory=list)  # a few held-out prompts: {prompt, expected, before, after}
 
 _METRICS = {'pretrain': ['perplexity'], 'sft': ['exact_match', 'style_rate', 'completion_loss'],
             'dpo': ['preference_accuracy', 'exact_match', 'style_rate']}
+_BY_TASK = 'exact_match_by_task'  # task -> exact match, where the held-out prompts are demo tasks
 
 def _fmt(v):
     if v is None: return ''
     if isinstance(v, float): return f"{v:.3f}" if abs(v) < 100 else f"{v:,.1f}"
     return str(v)
+
+def _short(s, n:int=28) -> str:
+    s = ' '.join(str(s or '').split())
+    return s if len(s) <= n else s[:n - 1] + '…'
 
 @dataclass
 class RunResult:
@@ -55,9 +62,15 @@ class RunResult:
     config: RunConfig
 
     def rows(self) -> list[tuple]:
-        "(stage, metric, before, after) rows."
-        return [(s.name, m, s.before.get(m), s.after.get(m)) for s in self.stages for m in _METRICS[s.kind]
-                if m in s.before or m in s.after]
+        "(stage, metric, before, after) rows; exact match per task as `exact_match.<task>`."
+        out = []
+        for s in self.stages:
+            for m in _METRICS[s.kind]:
+                if m in s.before or m in s.after: out.append((s.name, m, s.before.get(m), s.after.get(m)))
+                if m == 'exact_match' and s.kind == 'sft':
+                    b, a = s.before.get(_BY_TASK, {}), s.after.get(_BY_TASK, {})
+                    out += [(s.name, f'exact_match.{t}', b.get(t), a.get(t)) for t in dict.fromkeys([*b, *a])]
+        return out
 
     @property
     def summary(self) -> dict:
@@ -65,22 +78,34 @@ class RunResult:
         st = {}
         for s in self.stages:
             d = {'kind': s.kind, 'status': s.status, 'wall_s': round(s.wall_s, 2), 'tokens': s.tokens, 'steps': s.steps}
-            for m in _METRICS[s.kind]:
+            for m in _METRICS[s.kind] + ([_BY_TASK] if s.kind == 'sft' else []):
                 if m in s.before: d[f'{m}_before'] = s.before[m]
                 if m in s.after: d[f'{m}_after'] = s.after[m]
             st[s.name] = d
         return {'status': self.status, 'wall_s': round(self.wall_s, 2), 'run_dir': str(self.run_dir), 'stages': st}
 
+    def sample_rows(self) -> list[tuple]:
+        "(stage, prompt, expected, before, after) of the held-out samples of each stage."
+        return [(s.name, x.get('prompt'), x.get('expected'), x.get('before'), x.get('after')) for s in self.stages for x in s.samples]
+
     def __str__(self):
         head = f"run {self.run_dir} : {self.status} in {self.wall_s:.0f}s"
-        lines = [head, f"{'stage':<12}{'metric':<22}{'before':>10}{'after':>10}"]
-        lines += [f"{s:<12}{m:<22}{_fmt(b):>10}{_fmt(a):>10}" for s, m, b, a in self.rows()]
+        lines = [head, f"{'stage':<12}{'metric':<28}{'before':>10}{'after':>10}"]
+        lines += [f"{s:<12}{m:<28}{_fmt(b):>10}{_fmt(a):>10}" for s, m, b, a in self.rows()]
+        if sr := self.sample_rows():
+            lines += ['', 'held-out samples (prompt -> answer before | after the stage; expected)']
+            lines += [f"{s:<12}{_short(p, 40)} -> {_short(b)} | {_short(a)}  ({_short(e)})" for s, p, e, b, a in sr]
         return '\n'.join(lines)
 
     def _repr_markdown_(self):
         md = [f"**Run** `{self.run_dir}`: {self.status} in {self.wall_s:.0f} s", '',
               '| stage | metric | before | after |', '|---|---|---|---|']
         md += [f"| {s} | {m} | {_fmt(b)} | {_fmt(a)} |" for s, m, b, a in self.rows()]
+        if sr := self.sample_rows():
+            cell = lambda v: _short(v, 60).replace('|', '\\|')
+            md += ['', '**Held-out samples**: the model\'s greedy answer before and after each stage', '',
+                   '| stage | prompt | expected | before | after |', '|---|---|---|---|---|']
+            md += [f"| {s} | {cell(p)} | {cell(e)} | {cell(b)} | {cell(a)} |" for s, p, e, b, a in sr]
         return '\n'.join(md)
 
 # %% ../nbs/06_stages.ipynb #fbf3651c
@@ -553,7 +578,17 @@ def _eval(kind, model, tokenizer, sd, stage, **kw):
     return evaluate_stage(kind, model, tokenizer, list(sd.eval), n=stage.eval_samples, max_length=stage.max_length,
                           beta=stage.beta, **kw)
 
-def _numbers(d): return {k: v for k, v in d.items() if isinstance(v, (int, float))}
+def _numbers(d):
+    "The numbers of an evaluation (and its dicts of numbers, e.g. exact match per task); samples left out."
+    num = lambda v: isinstance(v, (int, float))
+    return {k: v for k, v in d.items() if num(v) or (isinstance(v, dict) and v and all(map(num, v.values())))}
+
+def _with_samples(samples:list, ev:dict, when:str) -> list:
+    "`samples` ({prompt, expected, before, after}) with the answers of the evaluation `ev` filled in as `when`."
+    by = {x['prompt']: dict(x) for x in samples}
+    for x in ev.get('samples', []):
+        by.setdefault(x['prompt'], {'prompt': x['prompt'], 'expected': x['expected']})[when] = x['generated']
+    return list(by.values())
 
 def _embeddings_train(cfg) -> bool:
     "Whether some stage trains the embeddings and LM head (possible with lora and full; prefix tuning keeps them frozen)."
@@ -677,6 +712,7 @@ def run(cfg:RunConfig, progress:bool=True, listener:Optional[Callable]=None, sto
             r.status = 'done'; r.before, r.after = m.get('before', {}), m.get('after', {})
             r.wall_s, r.tokens, r.steps, r.adapter_dir = m.get('wall_s', 0.0), m.get('tokens', 0), m.get('steps', 0), m.get('adapter_dir')
         elif m.get('before'): r.before, r.wall_s = m['before'], m.get('wall_s', 0.0)  # a stage cut off mid-way keeps its 'before'
+        if m.get('before'): r.samples = m.get('samples', [])
     def save_manifest(status=None):
         if status: manifest['status'] = status
         for r in results:
@@ -720,7 +756,8 @@ def run(cfg:RunConfig, progress:bool=True, listener:Optional[Callable]=None, sto
             scfg = stage_view(cfg, stage)
             r.status = 'running'; ts = time.time()
             if not r.before and main:
-                r.before = _numbers(_eval(stage.kind, model, tokenizer, sd, stage))
+                ev0 = _eval(stage.kind, model, tokenizer, sd, stage)
+                r.before, r.samples = _numbers(ev0), _with_samples([], ev0, 'before')
             barrier()
             save_manifest()
             say(f"[{i}] {stage.stage_name} ({stage.kind}): {len(sd.train)} records, before: {r.before}")
@@ -750,7 +787,7 @@ def run(cfg:RunConfig, progress:bool=True, listener:Optional[Callable]=None, sto
             if stage.kind == 'dpo':
                 ev = dict(reference=dpo_reference_context(trainer), ref_model=getattr(trainer, 'ref_model', None))
             samples = _eval(stage.kind, model, tokenizer, sd, stage, **ev) if main else {}
-            r.after = _numbers(samples)
+            r.after, r.samples = _numbers(samples), _with_samples(r.samples, samples, 'after')
             if stage.kind == 'dpo' and 'ref' in getattr(model, 'peft_config', {}): model.delete_adapter('ref')
             del trainer
             r.adapter_dir = str(sdir / 'adapter')
@@ -760,7 +797,6 @@ def run(cfg:RunConfig, progress:bool=True, listener:Optional[Callable]=None, sto
                     else: save_adapter(model, tmp)
             barrier()
             r.wall_s += time.time() - ts; r.status = 'done'
-            manifest['stages'][r.name] = {'samples': samples.get('samples', [])}
             save_manifest()
             say(f"[{i}] {stage.stage_name}: done in {r.wall_s:.0f}s, after: {r.after}")
         # 4. final
@@ -818,8 +854,10 @@ def plot_run(run_dir) -> list[Path]:
     return out
 
 # %% ../nbs/06_stages.ipynb #dbaee481
-def demo_checks(summary:dict) -> list[tuple[str, str, bool]]:
-    "The demo's minimums against a run's `summary.json` content: (what, measured, met)."
+DEMO_TASK_MINIMUM = ('to_words', 'to_thai_digits', 'to_arabic')  # tasks held to the SFT minimum one by one (`add` is reported)
+
+def demo_checks(summary:dict) -> list[tuple[str, str, Optional[bool]]]:
+    "The demo's minimums against a run's `summary.json` content: (what, measured, met); met is None for a number only reported."
     st, out = summary['stages'], []
     kinds = {v['kind']: v for v in st.values()}
     if 'pretrain' in kinds and 'perplexity_before' in kinds['pretrain']:
@@ -828,6 +866,12 @@ def demo_checks(summary:dict) -> list[tuple[str, str, bool]]:
     if 'sft' in kinds and 'exact_match_after' in kinds['sft']:
         s = kinds['sft']
         out.append(('sft: exact match >= 50%', f"{s.get('exact_match_before', 0):.0%} -> {s['exact_match_after']:.0%}", s['exact_match_after'] >= 0.5))
+        b, a = s.get('exact_match_by_task_before', {}), s.get('exact_match_by_task_after', {})
+        for t in dict.fromkeys([*DEMO_TASK_MINIMUM, *a]):
+            if t not in a and t not in DEMO_TASK_MINIMUM: continue
+            got = f"{b.get(t, 0):.0%} -> {a[t]:.0%}" if t in a else 'not measured'
+            if t in DEMO_TASK_MINIMUM: out.append((f'sft: exact match on {t} >= 50%', got, a.get(t, 0) >= 0.5))
+            else: out.append((f'sft: exact match on {t} (reported)', got, None))
     if 'dpo' in kinds and 'preference_accuracy_after' in kinds['dpo']:
         d = kinds['dpo']
         out.append(('dpo: preference accuracy >= 85%', f"{d['preference_accuracy_after']:.0%}", d['preference_accuracy_after'] >= 0.85))
@@ -836,13 +880,16 @@ def demo_checks(summary:dict) -> list[tuple[str, str, bool]]:
                     d.get('style_rate_after', 0) - base >= 0.30))
     return out
 
+def format_checks(checks:list) -> str:
+    "The lines `demo` prints for `demo_checks`: ok, MISS, or blank for a number only reported."
+    w = max((len(c[0]) for c in checks), default=0)
+    return '\n'.join(f"  {'    ' if ok is None else 'ok  ' if ok else 'MISS'} {what:<{w}}  {got}" for what, got, ok in checks)
+
 def demo(output_dir:str='runs', run_name:Optional[str]=None, **overrides) -> RunResult:
     "Run the main job on the embedded default and print the table with the demo's minimums."
     cfg = RunConfig.from_dict({'output_dir': output_dir, 'run_name': run_name, **overrides})
     res = run(cfg)
     print('\n' + str(res) + '\n')
-    checks = demo_checks(res.summary)
-    w = max(len(c[0]) for c in checks) if checks else 0
-    for what, got, ok in checks: print(f"  {'ok  ' if ok else 'MISS'} {what:<{w}}  {got}")
+    print(format_checks(demo_checks(res.summary)))
     print(f"\nrun folder: {res.run_dir}")
     return res
