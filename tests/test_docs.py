@@ -108,3 +108,71 @@ def test_main_exit_status(tmp_path):
     assert main([str(nbs), str(tmp_path / 'ok')]) == 0
     (nbs / 'sidebar.yml').write_text("website:\n  sidebar:\n    contents: [index.ipynb, missing.ipynb]\n")
     assert main([str(nbs), str(tmp_path / 'bad')]) == 1
+
+
+def test_quickstart_shows_its_install_cell():
+    "The Colab instruction ends at a colon: the `%pip install` line follows it, as code."
+    qs = _page('tutorials/quickstart.html')
+    i = qs.index('install the package into the running kernel instead:')
+    after = qs[i:i + 2000]
+    assert '<pre>' in after, after
+    text = re.sub(r'<[^>]+>', '', after[after.index('<pre>'):after.index('</pre>')])    # the code, without highlighting
+    assert text.strip() == '%pip install -q "git+https://github.com/typhoon-nb/typhoon-nb"', text
+    assert 'papermill-error-cell' not in qs and 'An Exception was encountered' not in qs
+
+
+_TB = 'Traceback (most recent call last):\n  File "<stdin>", line 1, in <module>\nKeyError: 1\n'
+BROKEN = {  # one page per kind of failure: the cells after the title, and what the build must say
+    'banner': ([{'cell_type': 'markdown', 'metadata': {'tags': ['papermill-error-cell-tag']},
+                 'source': '<span id="papermill-error-cell" style="color:red">Execution using papermill encountered an exception here and stopped:</span>'}],
+               "cell 1 (id c1): papermill's error banner"),
+    'error_output': ([{'cell_type': 'code', 'metadata': {}, 'source': 'f()', 'execution_count': 1,
+                       'outputs': [{'output_type': 'error', 'ename': 'KeyError', 'evalue': '1', 'traceback': [_TB]}]}],
+                     'cell 1 (id c1): an error output (KeyError: 1)'),
+    'printed_traceback': ([{'cell_type': 'code', 'metadata': {}, 'source': 'f()', 'execution_count': 1,
+                            'outputs': [{'output_type': 'stream', 'name': 'stderr', 'text': [_TB]}]}],
+                          'cell 1 (id c1): a Python traceback in an output'),
+    'lost_cell': ([{'cell_type': 'code', 'metadata': {}, 'source': '%load_ext autoreload', 'execution_count': None, 'outputs': []}],
+                  "cell 1 (id c1): not hidden, but nothing of it reaches the page ('%load_ext autoreload')"),
+}
+
+@pytest.mark.parametrize('kind', list(BROKEN))
+def test_build_fails_on_a_broken_page(kind, tmp_path, capsys):
+    "`make docs` (site.main) exits 1 and names the notebook and the cell, for each kind of broken page."
+    import json
+    from typhoon_nb.site import main
+    nbs = tmp_path / 'nbs'; nbs.mkdir()
+    cells, says = BROKEN[kind]
+    title = {'cell_type': 'markdown', 'metadata': {}, 'source': '# Home\n\n> A one-page site.'}
+    nb = {'cells': [{**c, 'id': f'c{i}'} for i, c in enumerate([title] + cells)], 'nbformat': 4, 'nbformat_minor': 5,
+          'metadata': {'kernelspec': {'name': 'python3', 'language': 'python', 'display_name': 'Python 3'}}}
+    (nbs / 'index.ipynb').write_text(json.dumps(nb), encoding='utf-8')
+    (nbs / 'sidebar.yml').write_text("website:\n  sidebar:\n    contents: [index.ipynb]\n")
+    assert main([str(nbs), str(tmp_path / 'site')]) == 1
+    out = capsys.readouterr().out
+    assert f"warning: {nbs / 'index.ipynb'}: {says}" in out, out
+
+
+def _committed_notebooks():
+    import subprocess
+    files = subprocess.run(['git', 'ls-files', '*.ipynb'], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    return [ROOT / f for f in files if (ROOT / f).is_file()]
+
+# a path that only exists on the machine that ran the notebook: pytest's temporary folders, a home folder
+MACHINE_PATH = re.compile(r'/tmp/pytest-of-|/root/|/home/[^/\s"\'\\]+/|/Users/[^/\s"\'\\]+/|[A-Za-z]:\\\\Users\\\\')
+
+def test_no_machine_paths_or_error_cells_in_committed_notebooks():
+    "No committed notebook output shows a path of the machine that ran it, and no notebook keeps a failed execution."
+    import json
+    from typhoon_nb.site import error_cells
+    nbs = _committed_notebooks()
+    assert len(nbs) > 30, len(nbs)
+    problems = []
+    for p in nbs:
+        cells = json.loads(p.read_text(encoding='utf-8'))['cells']
+        rel = p.relative_to(ROOT)
+        problems += [f"{rel}: {x}" for x in error_cells(cells)]
+        for i, c in enumerate(cells):
+            for m in {m.group(0) for o in c.get('outputs', []) for m in MACHINE_PATH.finditer(json.dumps(o, ensure_ascii=False))}:
+                problems.append(f"{rel}: cell {i} (id {c.get('id')}): output shows the machine path {m!r}")
+    assert not problems, '\n'.join(problems)

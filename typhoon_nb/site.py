@@ -11,8 +11,8 @@ import yaml
 
 # %% auto #0
 __all__ = ['SITE_CSS', 'SiteError', 'page_href', 'NavEntry', 'NavSection', 'read_sidebar', 'resolve_name', 'doc_markdown',
-           'cell_options', 'Page', 'process_notebook', 'render_cells', 'slug', 'finish_html', 'page_html', 'SiteReport',
-           'find_notebooks', 'build_site', 'main']
+           'cell_options', 'clean_magics', 'meant_to_show', 'error_cells', 'Page', 'process_notebook', 'render_cells',
+           'slug', 'finish_html', 'page_html', 'SiteReport', 'find_notebooks', 'build_site', 'main']
 
 # %% ../nbs/12a_site.ipynb #e7168a0f
 class SiteError(ValueError):
@@ -143,13 +143,56 @@ class _RenderShowDocs:
             cell.source = None; return
         cell.cell_type, cell.source, cell.outputs = 'markdown', doc_markdown(obj, name), []
 
+_RE_MAGIC = re.compile(r'^\s*%%?(?!(?:pip|conda|mamba|uv)\b).*$', re.M)
+
+def clean_magics(cell):
+    "nbdev's `clean_magics` (magic lines off the page), except install lines: `%pip install ...` is what a reader types."
+    if cell.cell_type == 'code': cell.source = _RE_MAGIC.sub('', cell.source).strip()
+
 def _procs(nb, module, problems):
     from nbdev.frontmatter import FrontmatterProc
     from nbdev.processors import (populate_language, add_show_docs, strip_ansi, hide_line, rm_header_dash,
-                                  rm_export, clean_magics, hide_, add_links, mv_exports, strip_hidden_metadata)
+                                  rm_export, hide_, add_links, mv_exports, strip_hidden_metadata)
     return [FrontmatterProc, populate_language, add_show_docs, strip_ansi, hide_line, rm_header_dash,
             _RenderShowDocs(nb, module, problems), rm_export, clean_magics, hide_, add_links, mv_exports,
             strip_hidden_metadata]
+
+# %% ../nbs/12a_site.ipynb #c41d9e2f
+_HIDING = {'hide', 'export', 'exporti', 'default_exp'}   # nbdev's directives that take a cell off the page
+_RE_DIRECTIVE = re.compile(r'^\s*#\|\s*([\w-]+)\s*:?\s*(.*?)\s*$')
+_TRACEBACK = 'Traceback (most recent call last)'
+_RE_PM_BANNER = re.compile(r'(?:id|href)="#?papermill-error-cell"')   # in papermill's two banners
+
+def meant_to_show(src:str) -> bool:
+    "Whether a code cell with source `src` is for the page: code besides its `#|` lines, and no option that hides it."
+    dirs, body = {}, []
+    for line in src.splitlines():
+        if not body and (m := _RE_DIRECTIVE.match(line)): dirs[m.group(1)] = m.group(2).strip('"\'').lower()
+        elif line.strip() and not re.search(r'#\|\s*hide_line\s*$', line): body.append(line)
+    return bool(body) and not (dirs.keys() & _HIDING) and dirs.get('include') != 'false' and dirs.get('echo') != 'false'
+
+def _output_text(o) -> str:
+    t = o.get('text', '') if o.get('output_type') == 'stream' else ''.join(
+        ''.join(v) if isinstance(v, list) else str(v) for k, v in (o.get('data') or {}).items() if k.startswith('text/'))
+    return ''.join(t) if isinstance(t, list) else t
+
+def _where(i:int, c) -> str: return f"cell {i}" + (f" (id {c['id']})" if c.get('id') else '')
+
+def error_cells(cells) -> list[str]:
+    "What in `cells` (a notebook's cells) shows a failed execution: papermill's error banners, error outputs, tracebacks."
+    out = []
+    for i, c in enumerate(cells):
+        where = _where(i, c)
+        src = ''.join(c.get('source') or '')
+        if 'papermill-error-cell-tag' in ((c.get('metadata') or {}).get('tags') or []) or (
+                c.get('cell_type') == 'markdown' and _RE_PM_BANNER.search(src)):
+            out.append(f"{where}: papermill's error banner from a failed execution ({src.strip()[:60]!r}...): delete the cell")
+        for o in c.get('outputs') or []:
+            if o.get('output_type') == 'error':
+                out.append(f"{where}: an error output ({o.get('ename')}: {str(o.get('evalue'))[:80]}): clear it or fix the cell"); break
+            if _TRACEBACK in _output_text(o):
+                out.append(f"{where}: a Python traceback in an output: clear it or fix the cell"); break
+    return out
 
 # %% ../nbs/12a_site.ipynb #cfc5d77e
 @dataclass
@@ -158,7 +201,7 @@ class Page:
     title:str                # from the front matter (the `# Title` cell)
     description:str          # the `> summary` line
     nb:dict                  # the processed notebook (nbformat 4), what nbconvert renders
-    problems:list[str] = field(default_factory=list)   # show_doc names that could not be resolved
+    problems:list[str] = field(default_factory=list)   # what keeps the page from shipping (error cells, lost cells, show_doc names)
     @property
     def href(self) -> str: return page_href(self.src)
 
@@ -176,29 +219,46 @@ def process_notebook(path, # the notebook
     nb.path_ = str(path)
     exp = _default_exp(nb)
     module = module or (f'{lib}.{exp}' if exp else None)
-    problems = []
+    problems = error_cells(nb.cells)
+    meant = {}
+    for i, c in enumerate(nb.cells):
+        c.orig_ = i
+        if c.cell_type == 'code' and meant_to_show(c.source) and not _RE_SHOWDOC.match(c.source.strip().split('\n')[-1].strip()):
+            meant[i] = (_where(i, c), c.source)   # (show_doc cells are checked by _RenderShowDocs)
     NBProcessor(nb=nb, procs=_procs(nb, module, problems)).process()
     fm = getattr(nb, 'frontmatter_', {}) or {}
     cells = []
     for c in nb.cells:
-        if c.cell_type == 'raw' and c.source.startswith('---'): continue          # the front matter itself
-        if c.cell_type != 'code':
-            if c.source.strip(): cells.append({'cell_type': c.cell_type, 'metadata': {}, 'source': c.source})
-            continue
-        opts = cell_options(c)
-        if opts.get('include') == 'false': continue
-        outs = _plain_outputs(c.get('outputs', []))
-        if opts.get('output') == 'false': outs = []
-        if opts.get('output') == 'asis':
-            if opts.get('echo') != 'false' and c.source.strip(): cells.append(_code(c.source, []))
-            if (t := _md_text(outs)).strip(): cells.append({'cell_type': 'markdown', 'metadata': {}, 'source': t})
-            continue
-        src = '' if opts.get('echo') == 'false' else c.source
-        if src.strip() or outs: cells.append(_code(src, outs))
+        n = len(cells)
+        _add_cell(c, cells)
+        for x in cells[n:]: x['orig_'] = c.get('orig_')
+    for i, (where, src) in meant.items():
+        if not any(x.get('orig_') == i for x in cells):
+            first = next(l for l in src.splitlines() if l.strip() and not _RE_DIRECTIVE.match(l))
+            problems.append(f"{where}: not hidden, but nothing of it reaches the page ({first.strip()[:60]!r}): "
+                            "mark it `#| hide` if it is not for readers, or give it code the page keeps")
+    for x in cells: x.pop('orig_', None)
     rel = path.resolve().relative_to(nbs.resolve()).as_posix() if path.resolve().is_relative_to(nbs.resolve()) else path.name
     out = {'cells': cells, 'metadata': {'kernelspec': {'name': 'python3', 'language': 'python', 'display_name': 'Python 3'},
                                         'language_info': {'name': 'python'}}, 'nbformat': 4, 'nbformat_minor': 5}
     return Page(rel, str(fm.get('title', path.stem)), str(fm.get('description', '')), out, problems)
+
+def _add_cell(c, cells:list):
+    "Append what processed cell `c` shows on the page to `cells`: its source, its outputs, or markdown."
+    if c.cell_type == 'raw' and c.source.startswith('---'): return          # the front matter itself
+    if c.cell_type != 'code':
+        if c.source.strip(): cells.append({'cell_type': c.cell_type, 'metadata': {}, 'source': c.source})
+        return
+    opts = cell_options(c)
+    if opts.get('include') == 'false': return
+    outs = _plain_outputs(c.get('outputs', []))
+    if opts.get('output') == 'false': outs = []
+    if opts.get('output') == 'asis':
+        if opts.get('echo') != 'false' and c.source.strip(): cells.append(_code(c.source, []))
+        if (t := _md_text(outs)).strip(): cells.append({'cell_type': 'markdown', 'metadata': {}, 'source': t})
+        return
+    src = '' if opts.get('echo') == 'false' else c.source
+    if src.strip() or outs: cells.append(_code(src, outs))
 
 def _code(src, outs): return {'cell_type': 'code', 'metadata': {}, 'source': src, 'outputs': outs, 'execution_count': None}
 
