@@ -1,5 +1,5 @@
 "Jobs end to end: the job notebook through papermill, the typhoon-nb command as a subprocess, determinism, kill and resume, 2 processes."
-import csv, json, os, signal, subprocess, sys, time
+import csv, json, os, re, signal, subprocess, sys, time
 from pathlib import Path
 import pytest, yaml
 from typhoon_nb.config import RunConfig, ConfigError
@@ -37,11 +37,42 @@ def test_committed_job_notebook_is_generated():
     assert json.loads(JOB_NB.read_text(encoding='utf-8')) == job_notebook()
 
 def test_help_notebook_lists_every_field_with_type_and_help():
-    out = subprocess.run([sys.executable, '-m', 'papermill', str(JOB_NB), '--help-notebook'], env=ENV, capture_output=True, text=True, timeout=60).stdout
+    r = subprocess.run([sys.executable, '-m', 'papermill', str(JOB_NB), '--help-notebook'], env=ENV, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
     assert out.count(' (default ') == len(RunConfig.__dataclass_fields__) == 43
     assert "lr_schedule: str (default 'cosine')" in out and 'cosine | linear | constant (after linear warmup)' in out
     assert 'neftune_alpha: Optional[float] (default None)' in out
     assert "stages: Union[str, list] (default 'demo')" in out
+
+# --- every command's --help works and names its arguments --------------------------------------------------------
+_FIELDS = [f'--{f}' for f in RunConfig.__dataclass_fields__]
+HELP_NAMES = {'train': ['--config', '--peft_method', '--quantization', '--use_rwkv', '--use_llama3', *_FIELDS, '(Alpaca: 3%)'],
+              'params': [f[2:] for f in _FIELDS], 'sweep': ['grid', '--log'], 'runs': ['folder'], 'compare': ['runs'],
+              'resume': ['run'], 'rerun': ['run'], 'demo': ['--output_dir', '--run_name'], 'worker': ['run']}
+
+def test_top_level_help_lists_the_commands():
+    for flag in ('--help', '-h'):
+        r = cli(flag, timeout=60)
+        assert r.returncode == 0 and r.stderr == '', r.stderr
+        listed = re.findall(r'^typhoon-nb (\w+)', r.stdout, re.M)
+        assert set(HELP_NAMES) - {'worker'} <= set(listed), listed
+    assert cli(timeout=60).returncode == 2     # no command: the same text, and a usage error
+
+@pytest.mark.parametrize('cmd', list(HELP_NAMES))
+def test_command_help(cmd):
+    r = cli(cmd, '--help', timeout=60)
+    assert r.returncode == 0 and 'Traceback' not in r.stderr, r.stderr
+    missing = [a for a in HELP_NAMES[cmd] if a not in r.stdout]
+    assert not missing, (missing, r.stdout)
+    if cmd != 'params': assert r.stdout.startswith(f'usage: typhoon-nb {cmd} '), r.stdout[:200]
+
+def test_every_listed_command_has_help():
+    "Each command `typhoon-nb --help` lists (commands added later included) answers --help with its usage."
+    for cmd in re.findall(r'^typhoon-nb (\w+)', cli('--help', timeout=60).stdout, re.M):
+        r = cli(cmd, '-h', timeout=60)
+        assert r.returncode == 0 and 'Traceback' not in r.stderr, (cmd, r.stderr)
+        assert r.stdout.startswith(f'usage: typhoon-nb {cmd}') or cmd == 'params', (cmd, r.stdout[:200])
 
 # --- strings from papermill -p are parsed, never evaluated --------------------------------------------------------
 @pytest.mark.parametrize('value,expected', [('true', True), ('True', True), ('yes', True), ('on', True), ('1', True),

@@ -403,7 +403,7 @@ def make_parser(prog='typhoon-nb train'):
     helps = field_help()
     for f in fields(RunConfig):
         t, opt = _base_type(RunConfig, f.name)
-        h = helps.get(f.name, '')
+        h = helps.get(f.name, '').replace('%', '%%')  # argparse %-formats help: 'Alpaca: 3%' would crash --help
         if t is bool: ap.add_argument(f'--{f.name}', action=argparse.BooleanOptionalAction, help=h)
         else: ap.add_argument(f'--{f.name}', metavar=f.name.upper(), help=h)
     return ap
