@@ -32,8 +32,11 @@ def exported(tmp_path_factory):
     from traitlets.config import Config
     work = tmp_path_factory.mktemp('browser')
     out_nb = work / 'panel_demo.ipynb'
-    pm.execute_notebook(str(BROWSER / 'panel_demo.ipynb'), str(out_nb), parameters={'output_dir': str(work / 'runs')},
+    # the run folder relative to the kernel's folder: the panels (and the screenshots in the docs) show `runs/browser`,
+    # not the path of this machine's temporary folder
+    pm.execute_notebook(str(BROWSER / 'panel_demo.ipynb'), str(out_nb), parameters={'output_dir': 'runs'},
                         kernel_name='python3', cwd=str(work), progress_bar=False)
+    assert (work / 'runs' / 'browser' / 'manifest.json').is_file()
     nb = json.loads(out_nb.read_text(encoding='utf-8'))
     state = nb['metadata']['widgets']['application/vnd.jupyter.widget-state+json']['state']
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -49,7 +52,7 @@ def exported(tmp_path_factory):
     assert 'cdn.jsdelivr.net/npm/@jupyter-widgets' not in body
     page = ARTIFACTS / 'panel_demo.html'
     page.write_text(body, encoding='utf-8')
-    return {'html': page, 'state': state, 'nb': nb}
+    return {'html': page, 'state': state, 'nb': nb, 'work': work}
 
 
 def test_widget_state_saved(exported):
@@ -82,6 +85,9 @@ def test_panels_in_chromium(exported, chromium_page):
     page.wait_for_selector('img.widget-image', timeout=60_000)
     page.wait_for_timeout(500)
     page.screenshot(path=str(ARTIFACTS / 'panels.png'), full_page=True)
+    # what the screenshots show names no folder of this machine (they go into the docs: nbs/images/*_panel.png)
+    text = page.locator('body').inner_text()
+    assert 'runs/browser' in text and str(exported['work']) not in text and '/tmp/' not in text, text[:2000]
     # TechniquePanel: the Model tab shows quantization 'none'; the PEFT tab shows 'both', lora_r 8, prefix 4
     tabs = page.locator('.widget-tab').first
     active = lambda: [t.inner_text().strip() for t in tabs.locator('.widget-toggle-button.mod-active').all() if t.is_visible()]
