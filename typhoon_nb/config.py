@@ -45,6 +45,7 @@ class StageConfig:
     columns: dict = field(default_factory=dict)  # column mapping, e.g. {question: prompt, good: chosen, bad: rejected}
     on_bad_record: str = 'error'  # error | skip (skip writes a rejects file and reports counts)
     save_steps: int = 50  # checkpoint every N optimizer steps (0: only at the end)
+    keep_checkpoints: int = 2  # complete checkpoints kept while the stage runs (the newest); once it is done only its adapter stays
     eval_samples: int = 64  # held-out examples evaluated before and after the stage (0: no evaluation)
     overrides: dict = field(default_factory=dict)  # refinement fields for this stage only
 
@@ -252,6 +253,8 @@ def _check_stage(s:dict, i:int, problems:list, parse_strings:bool):
         _range(problems, path, k, s.get(k), lambda v: v > 0, 'must be > 0')
     for k in ('save_steps', 'eval_samples'):
         _range(problems, path, k, s.get(k), lambda v: v >= 0, 'must be >= 0')
+    _range(problems, path, 'keep_checkpoints', s.get('keep_checkpoints'), lambda v: v >= 1,
+           'must be >= 1 (a resume starts from the newest complete checkpoint)')
     _range(problems, path, 'beta', s.get('beta'), lambda v: v > 0, 'must be > 0')
     _range(problems, path, 'nll_weight', s.get('nll_weight'), lambda v: v >= 0, 'must be >= 0 (0: plain DPO; RPO uses 1.0)')
     if 'data' in s and (s['data'] is None or not str(s['data']).strip()) or 'data' not in s:

@@ -85,7 +85,8 @@ STAGE_SHOW_WHEN = {'beta': lambda s: s['kind'] == 'dpo', 'nll_weight': lambda s:
 
 # %% ../nbs/08_panels.ipynb #5ce092ff
 STAGE_FIELDS = ('kind', 'name', 'data', 'eval_data', 'lr', 'epochs', 'max_steps', 'batch_size', 'grad_accum',
-                'max_length', 'beta', 'nll_weight', 'reference', 'train_embeddings', 'on_bad_record', 'save_steps', 'eval_samples')
+                'max_length', 'beta', 'nll_weight', 'reference', 'train_embeddings', 'on_bad_record', 'save_steps', 'keep_checkpoints',
+                'eval_samples')
 
 class StageBox(widgets.VBox):
     "The widgets of one stage; `.raw` is its field dict (text unparsed)."

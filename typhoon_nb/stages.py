@@ -15,10 +15,11 @@ from .config import RunConfig, StageConfig, ConfigError, stage_view
 __all__ = ['COMPLETE', 'STAGING', 'TRANSFER_DIR', 'DEMO_TASK_MINIMUM', 'RunError', 'StageResult', 'RunResult', 'write_json',
            'stage_dir', 'prepare_run_dir', 'rank', 'world_size', 'is_main', 'init_distributed', 'barrier',
            'attach_run_dir', 'MetricsLogger', 'StopControl', 'NonFiniteGuard', 'checkpoint_files', 'mark_complete',
-           'verify_checkpoint', 'last_complete_checkpoint', 'refuse_pickle_weights', 'atomic_dir', 'atomic_checkpoints',
-           'train_or_restore', 'keep_adapter_dtype', 'build_trainer', 'dpo_reference_context', 'load_all_data',
-           'load_full_weights', 'attention_transfer_stage', 'restore_or_transfer', 'run', 'read_metrics', 'plot_run',
-           'demo_checks', 'format_checks', 'demo']
+           'verify_checkpoint', 'last_complete_checkpoint', 'refuse_pickle_weights', 'atomic_dir', 'remove_dir',
+           'prune_checkpoints', 'drop_checkpoints', 'atomic_checkpoints', 'train_or_restore', 'keep_adapter_dtype',
+           'build_trainer', 'dpo_reference_context', 'load_all_data', 'load_full_weights', 'attention_transfer_stage',
+           'restore_or_transfer', 'run', 'read_metrics', 'eval_bars', 'eval_figure', 'plot_run', 'demo_checks',
+           'format_checks', 'demo']
 
 # %% ../nbs/06_stages.ipynb #97765313
 class RunError(RuntimeError):
@@ -355,8 +356,36 @@ def _why(e, folder=None) -> str:
     return f"{hint} ({type(e).__name__}: {e})" if hint else f"{type(e).__name__}: {e}"
 
 # %% ../nbs/06_stages.ipynb #e1d9b7a4
-def atomic_checkpoints(trainer, stage:str=''):
-    "Make `trainer` write each checkpoint into `.staging`, mark it COMPLETE and rename it into place; a failed save raises `RunError`."
+def remove_dir(folder):
+    "Remove `folder`: renamed to `.old-<name>` first, so a kill part-way never leaves half a folder under its name."
+    folder = Path(folder)
+    if not folder.exists(): return
+    old = folder.with_name(f'.old-{folder.name}')
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(folder, old)
+    shutil.rmtree(old, ignore_errors=True)
+
+def prune_checkpoints(folder, keep:int) -> list[str]:
+    "Remove every `checkpoint-N` in `folder` older than its `keep` newest complete ones; return the names removed."
+    cks = sorted((p for p in Path(folder).glob('checkpoint-*') if p.is_dir() and p.name.split('-')[-1].isdigit()),
+                 key=_step, reverse=True)
+    whole = [p for p in cks if verify_checkpoint(p) is None]
+    if keep < 1 or len(whole) <= keep: return []
+    gone = [p for p in cks if _step(p) < _step(whole[keep - 1])]
+    for p in gone: remove_dir(p)
+    return [p.name for p in gone]
+
+def drop_checkpoints(stage_folder):
+    "A finished stage keeps only its adapter: remove its `checkpoints/` (and what a kill left of earlier removals)."
+    stage_folder = Path(stage_folder)
+    for p in [stage_folder / 'checkpoints', *stage_folder.glob('.old-*')]:
+        if p.name.startswith('.old-'): shutil.rmtree(p, ignore_errors=True)
+        else: remove_dir(p)
+
+def atomic_checkpoints(trainer, stage:str='', keep:Optional[int]=None):
+    """Make `trainer` write each checkpoint into `.staging`, mark it COMPLETE and rename it into place, keeping the `keep`
+    newest complete ones (default: the trainer's `save_total_limit`; None: all); a failed save raises `RunError`."""
+    limit = keep or trainer.args.save_total_limit
     save = trainer._save_checkpoint  # transformers' own saving, unchanged: only the folder it writes into moves
     def _save_checkpoint(model, trial=None):
         out, step = Path(trainer.args.output_dir), trainer.state.global_step
@@ -386,9 +415,7 @@ def atomic_checkpoints(trainer, stage:str=''):
         finally:
             trainer.__dict__.pop('_get_output_dir', None)
         barrier()
-        if trainer.args.save_total_limit and is_main():
-            from transformers.trainer_utils import rotate_checkpoints
-            rotate_checkpoints(output_dir=str(out), save_total_limit=trainer.args.save_total_limit, use_mtime=True)
+        if limit and is_main(): prune_checkpoints(out, limit)
     trainer._save_checkpoint = _save_checkpoint
     return trainer
 
@@ -751,8 +778,11 @@ def run(cfg:RunConfig, progress:bool=True, listener:Optional[Callable]=None, sto
         if verbose and adapter_report is not None: say(adapter_report)
         # 3. stages
         for i, (stage, sd, r) in enumerate(zip(cfg.stages, datas, results)):
-            if r.status == 'done': continue
-            sdir = stage_dir(run_dir, i, stage); sdir.mkdir(parents=True, exist_ok=True)
+            sdir = stage_dir(run_dir, i, stage)
+            if r.status == 'done':
+                if main: drop_checkpoints(sdir)  # a kill after the manifest said done, before they were removed
+                continue
+            sdir.mkdir(parents=True, exist_ok=True)
             scfg = stage_view(cfg, stage)
             r.status = 'running'; ts = time.time()
             if not r.before and main:
@@ -771,13 +801,14 @@ def run(cfg:RunConfig, progress:bool=True, listener:Optional[Callable]=None, sto
                 cbs.insert(0, RouterLoadCallback())
             trainer = build_trainer(scfg, stage, model, tokenizer, sd.train, sdir / 'checkpoints', cbs, progress)
             _quiet_logs(trainer, progress)
-            atomic_checkpoints(trainer, stage.stage_name)
+            atomic_checkpoints(trainer, stage.stage_name, stage.keep_checkpoints)
             ck = last_complete_checkpoint(sdir / 'checkpoints')
             if ck is not None: refuse_pickle_weights(ck, cfg.allow_pickle)
             if cfg.resume and main:
                 manifest.setdefault('resumes', []).append({'stage': stage.stage_name, 'checkpoint': ck.name if ck else None,
                                                            'time': datetime.datetime.now().isoformat(timespec='seconds')})
-            if main: shutil.rmtree(sdir / 'checkpoints' / STAGING, ignore_errors=True)  # what a kill left half-written
+            if main:  # what a kill left half-written or half-removed
+                for p in [sdir / 'checkpoints' / STAGING, *(sdir / 'checkpoints').glob('.old-*')]: shutil.rmtree(p, ignore_errors=True)
             train_or_restore(trainer, ck)
             r.steps, r.tokens = trainer.state.global_step, int(trainer.state.num_input_tokens_seen or 0)
             if stop.stopped:
@@ -798,6 +829,8 @@ def run(cfg:RunConfig, progress:bool=True, listener:Optional[Callable]=None, sto
             barrier()
             r.wall_s += time.time() - ts; r.status = 'done'
             save_manifest()
+            if main: drop_checkpoints(sdir)  # the adapter is on disk and the manifest says done: resume starts from it
+            barrier()
             say(f"[{i}] {stage.stage_name}: done in {r.wall_s:.0f}s, after: {r.after}")
         # 4. final
         final = run_dir / 'final'
@@ -826,6 +859,52 @@ def read_metrics(run_dir) -> list[dict]:
     p = Path(run_dir) / 'metrics.jsonl'
     return [json.loads(l) for l in p.read_text(encoding='utf-8').splitlines() if l.strip()] if p.exists() else []
 
+_METRIC_WORDS = {'style_rate': 'polite style', 'preference_accuracy': 'preference accuracy'}
+
+def _unbounded(metric:str) -> bool: return 'perplexity' in metric or 'loss' in metric
+
+def eval_bars(summary:dict) -> list[dict]:
+    """Every (stage, metric) of a `summary.json` measured before or after its stage: stage, metric, label, before, after
+    (a metric per task, e.g. `exact_match_by_task`, gives one entry per task: `exact_match.<task>`)."""
+    out = []
+    for n, d in summary.get('stages', {}).items():
+        rows = {}
+        for k, v in d.items():
+            if not k.endswith(('_before', '_after')): continue
+            m, when = k.rsplit('_', 1)
+            for task, x in (v.items() if isinstance(v, dict) else [(None, v)]):
+                rows.setdefault(m if task is None else f"{m.removesuffix('_by_task')}.{task}", {})[when] = x
+        for m, r in rows.items():
+            base, _, task = m.partition('.')
+            words = _METRIC_WORDS.get(base, base.replace('_', ' ')) + (f" ({task})" if task else '')
+            out.append({'stage': n, 'metric': m, 'label': f"{n}: {words}", 'before': r.get('before'), 'after': r.get('after')})
+    return out
+
+def eval_figure(summary:dict):
+    "A matplotlib figure with a before and an after bar per metric of `eval_bars(summary)` (None when there is none)."
+    import matplotlib.pyplot as plt
+    bars = eval_bars(summary)
+    if not bars: return None
+    groups = {}  # one panel per stage for its rates, one per unbounded metric
+    for b in bars: groups.setdefault((b['stage'], b['metric'] if _unbounded(b['metric']) else ''), []).append(b)
+    panels = list(groups.values())
+    fig, axs = plt.subplots(1, len(panels), figsize=(sum(1.4 * len(g) + 1.1 for g in panels), 3.4), squeeze=False,
+                            gridspec_kw={'width_ratios': [len(g) + 0.8 for g in panels]})
+    num = lambda v: float('nan') if v is None else float(v)
+    for ax, g in zip(axs[0], panels):
+        xs = list(range(len(g)))
+        for dx, when, color in ((-0.2, 'before', '#9aa5b1'), (0.2, 'after', '#1f77b4')):
+            bc = ax.bar([x + dx for x in xs], [num(b[when]) for b in g], 0.4, label=when, color=color)
+            ax.bar_label(bc, labels=['' if b[when] is None else f"{b[when]:.2f}" for b in g], fontsize=7, padding=1)
+        ax.set_xticks(xs, [b['label'].replace(': ', ':\n', 1) for b in g], fontsize=8)
+        if _unbounded(g[0]['metric']): ax.set_ylim(0, max([num(b[w]) for b in g for w in ('before', 'after') if b[w] is not None] + [1]) * 1.2)
+        else: ax.set_ylim(0, 1.12)
+        ax.spines[['top', 'right']].set_visible(False)
+    axs[0][0].legend(fontsize=7, loc='upper left')
+    fig.suptitle('before and after each stage (held-out data)', fontsize=9)
+    fig.tight_layout()
+    return fig
+
 def plot_run(run_dir) -> list[Path]:
     "Loss curves per stage and a before/after chart, as PNG files in `run_dir/plots`."
     import matplotlib
@@ -841,16 +920,10 @@ def plot_run(run_dir) -> list[Path]:
             rs = [r for r in recs if r['stage'] == s]
             ax.plot([r['step'] for r in rs], [r['loss'] for r in rs]); ax.set_title(s); ax.set_xlabel('step'); ax.set_ylabel('loss')
         fig.tight_layout(); fig.savefig(pd / 'loss.png', dpi=80); plt.close(fig); out.append(pd / 'loss.png')
-    summ = json.loads((run_dir / 'summary.json').read_text()) if (run_dir / 'summary.json').exists() else {}
-    bars = [(f"{n}\n{k[:-6]}", v, d.get(k[:-6] + '_after')) for n, d in summ.get('stages', {}).items()
-            for k, v in d.items() if k.endswith('_before') and 'perplexity' not in k and 'loss' not in k]
-    if bars:
-        fig, ax = plt.subplots(figsize=(1.6 * len(bars) + 2, 3))
-        xs = range(len(bars))
-        ax.bar([x - 0.2 for x in xs], [b[1] or 0 for b in bars], 0.4, label='before')
-        ax.bar([x + 0.2 for x in xs], [b[2] or 0 for b in bars], 0.4, label='after')
-        ax.set_xticks(list(xs)); ax.set_xticklabels([b[0] for b in bars], fontsize=7); ax.legend(); ax.set_ylim(0, 1)
-        fig.tight_layout(); fig.savefig(pd / 'eval.png', dpi=80); plt.close(fig); out.append(pd / 'eval.png')
+    summ = json.loads((run_dir / 'summary.json').read_text(encoding='utf-8')) if (run_dir / 'summary.json').exists() else {}
+    fig = eval_figure(summ)
+    if fig is not None:
+        fig.savefig(pd / 'eval.png', dpi=80); plt.close(fig); out.append(pd / 'eval.png')
     return out
 
 # %% ../nbs/06_stages.ipynb #dbaee481
