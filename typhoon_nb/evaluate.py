@@ -136,7 +136,7 @@ def continue_texts(model, tokenizer, texts:list[str], max_new_tokens:int=24) -> 
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=_stop_ids(tokenizer))
             out = tokenizer.batch_decode(gen[:, enc['input_ids'].shape[1]:], skip_special_tokens=True)
     finally: tokenizer.padding_side = side
-    return [o.split('\n')[0].strip() for o in out]
+    return [o.strip().split('\n')[0].strip() for o in out]
 
 def _split_text(t:str) -> tuple[str, str]:
     "A held-out sentence cut before its last third of words: (what the model reads, what it should write)."
