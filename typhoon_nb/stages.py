@@ -740,7 +740,6 @@ def run(cfg:RunConfig, progress:bool=True, listener:Optional[Callable]=None, sto
             r.wall_s, r.tokens, r.steps, r.adapter_dir = m.get('wall_s', 0.0), m.get('tokens', 0), m.get('steps', 0), m.get('adapter_dir')
         elif m.get('before'): r.before, r.wall_s = m['before'], m.get('wall_s', 0.0)  # a stage cut off mid-way keeps its 'before'
         if m.get('before'): r.samples = m.get('samples', [])
-        if m.get('before'): r.samples = m.get('samples', [])
     def save_manifest(status=None):
         if status: manifest['status'] = status
         for r in results:
