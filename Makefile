@@ -10,7 +10,7 @@ PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 # nbdev_test workers; notebooks train small models, two at once suit two cores
 NB_WORKERS ?= 2
 
-.PHONY: demo test install install-dev sync-check nbtest pytest readme docs bench
+.PHONY: demo test install install-dev browser-deps sync-check nbtest pytest readme docs bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,27 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(BIN)/typhoon-nb demo
 
-## Everything CI checks
-test: install-dev sync-check nbtest pytest
+## Everything CI checks (CI runs exactly this)
+test: install-dev browser-deps sync-check nbtest pytest
+
+# What the browser tests need: the widget scripts (npm, always) and Chromium from the system's packages where it is
+# missing and this user may install it (root or password-less sudo); otherwise one line says what to run, and pytest's
+# closing summary lists the browser tests as skipped with the reason.
+BROWSER_JS := tests/browser/node_modules/.package-lock.json
+$(BROWSER_JS): tests/browser/package.json tests/browser/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then npm ci --prefix tests/browser --no-audit --no-fund --ignore-scripts --loglevel=error; \
+	else echo "make test: npm not found, the panel browser test will be skipped (install Node.js with npm, then: npm ci --prefix tests/browser)"; fi
+
+browser-deps: $(BROWSER_JS)
+	@if [ -x "$${TYPHOON_NB_CHROMIUM:-/usr/bin/chromium}" ]; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then echo "make test: Chromium not found, the browser tests will be skipped (install Chromium, or set TYPHOON_NB_CHROMIUM to its path)"; \
+	elif [ "$$(id -u)" = 0 ]; then echo "make test: installing Chromium for the browser tests (apt-get)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
+	  || echo "make test: Chromium could not be installed, the browser tests will be skipped (apt-get install -y --no-install-recommends chromium)"; \
+	elif sudo -n true 2>/dev/null; then echo "make test: installing Chromium for the browser tests (sudo apt-get)"; \
+	  (sudo -n apt-get update -qq && sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
+	  || echo "make test: Chromium could not be installed, the browser tests will be skipped (sudo apt-get install -y --no-install-recommends chromium)"; \
+	else echo "make test: Chromium not found, the browser tests will be skipped; to run them: sudo apt-get install -y --no-install-recommends chromium"; fi
 
 # nbdev_clean and nbdev_export must change nothing: the notebooks are clean and the library matches them
 sync-check: install-dev
@@ -48,8 +67,9 @@ sync-check: install-dev
 nbtest: install-dev
 	$(BIN)/nbdev_test --n_workers $(NB_WORKERS)
 
+# -rs: every skipped test and its reason in the closing summary
 pytest: install-dev
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q -rs --durations=10
 
 readme: install-dev
 	$(BIN)/python -c "from typhoon_nb.docs import make_readme; make_readme()"

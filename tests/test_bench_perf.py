@@ -8,7 +8,8 @@ BENCH = Path(__file__).resolve().parents[1] / 'nbs' / 'benchmarks'
 sys.path.insert(0, str(BENCH))
 FIELDS = ('case', 'ours_tokens_per_s', 'baseline_tokens_per_s', 'ratio', 'mfu', 'peak_memory_bytes', 'machine', 'repeats')
 SMOKE = dict(shape='tiny', steps=2, repeats=1, batch_size=4, max_length=48, n_train=64, dpo_steps=2, memory_steps=2,
-             memory_configs=['4bit/lora', 'none/prefix'], levers=['packing', 'row_packing'], profile_steps=2, threads=2, threads_compare=1, warmup_runs=1)
+             memory_configs=['4bit/lora', 'none/prefix'], levers=['packing', 'row_packing'], profile_steps=2, threads=2, threads_compare=1,
+             warmup_runs=1, peak_sizes=[128, 256])
 
 @pytest.fixture(scope='module')
 def smoke(tmp_path_factory):
@@ -35,18 +36,24 @@ def test_smoke_records(smoke):
         assert abs(r['ratio'] - r['ours_tokens_per_s'] / r['baseline_tokens_per_s']) < 1e-9
         assert 0 < r['mfu'] < 1
         assert {'cpu', 'cores', 'torch'} <= set(r['machine'])
-    assert res['bf16_peak_flops_per_s'] > 0 and (td / 'perf.png').stat().st_size > 1000
+    # MFU divides by the peak of the precision the runs computed in, read from this machine (fp32 where bf16 is emulated)
+    from typhoon_nb.loader import cpu_has_bf16
+    assert res['peak_dtype'] == ('bfloat16' if cpu_has_bf16() else 'float32') == res['machine']['compute_dtype']
+    assert res['machine']['cpu_bf16'] == cpu_has_bf16()
+    assert res['peak_flops_per_s'] > 0 and (td / 'perf.png').stat().st_size > 1000
     th = {r['case']: r['machine']['torch_threads'] for r in res['records'][:2]}
     assert th == {'sft_lora': 2, 'sft_lora_threads1': 1}  # the headline again at threads_compare, with that count's peak
     assert res['records'][1]['peak_flops_per_s'] != res['records'][0]['peak_flops_per_s']
 
 def test_smoke_sides_differ_as_documented(smoke):
-    "Our SFT side packs padding-free without checkpointing; plain TRL keeps its defaults (bf16 autocast, checkpointing, padding)."
+    """Our SFT side packs padding-free without checkpointing; plain TRL keeps its defaults (checkpointing, padding; bf16
+    autocast where the CPU has bf16 hardware, fp32 where bf16 would be emulated)."""
+    from typhoon_nb.loader import cpu_has_bf16
     head = smoke[1]['records'][0]
     ours = [r for r in head['runs'] if r['path'] == 'ours'][0]
     trl = [r for r in head['runs'] if r['path'] == 'trl'][0]
     assert ours['padding_free'] and not ours['gradient_checkpointing']
-    assert trl['bf16'] and trl['gradient_checkpointing'] and not trl['padding_free']
+    assert trl['bf16'] == ours['bf16'] == cpu_has_bf16() and trl['gradient_checkpointing'] and not trl['padding_free']
 
 def test_flops_convention():
     import gpu_perf as g, torch
@@ -79,7 +86,7 @@ def test_cli_tiny_qlora(tmp_path):
     res = json.loads(out.read_text())
     assert res['quantization'] == '4bit' and res['peft'] == 'lora' and {r['path'] for r in res['runs']} == {'ours', 'trl'}
     assert res['tokens_per_s']['ours'] > 0 and res['tokens_per_s']['trl'] > 0 and res['ratio'] > 0
-    assert 0 < res['mfu']['ours'] < 1 and res['bf16_peak_flops_per_s'] > 0
+    assert 0 < res['mfu']['ours'] < 1 and res['peak_flops_per_s'] > 0 and res['peak_dtype'] == res['machine']['compute_dtype']
     assert all(r['peak_memory_bytes'] > 0 and r['peak_rss_bytes'] > 0 for r in res['runs'])
 
 def test_clock_needs_steps():

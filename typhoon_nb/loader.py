@@ -12,10 +12,10 @@ from .config import RunConfig
 
 # %% auto #0
 __all__ = ['log', 'PRECISIONS', 'CHAT_TEMPLATE', 'EMBEDDED', 'SUPPORTED', 'RECIPES', 'SPECIAL_TOKENS', 'LoaderError', 'cpu_flags',
-           'resolve_precision', 'prepare_tokenizer', 'load_tokenizer', 'hub_offline', 'resolve_model_path',
-           'check_safetensors', 'check_model_folder', 'quantization_config', 'quantize_in_place', 'keep_4bit_trainable',
-           'quantized_layers', 'model_bytes', 'LoadReport', 'make_report', 'load_model', 'general_thai_text',
-           'train_tokenizer', 'recipe_key', 'cache_root', 'tiny_typhoon']
+           'cpu_has_bf16', 'resolve_precision', 'prepare_tokenizer', 'load_tokenizer', 'hub_offline',
+           'resolve_model_path', 'check_safetensors', 'check_model_folder', 'quantization_config', 'quantize_in_place',
+           'keep_4bit_trainable', 'quantized_layers', 'model_bytes', 'LoadReport', 'make_report', 'load_model',
+           'general_thai_text', 'train_tokenizer', 'recipe_key', 'cache_root', 'tiny_typhoon']
 
 # %% ../nbs/02_loader.ipynb #e4818bd5
 class LoaderError(ValueError):
@@ -28,16 +28,25 @@ PRECISIONS = ('auto', 'bf16', 'fp16', 'fp32')
 _BF16_CPU_FLAGS = ('amx_bf16', 'avx512_bf16')
 
 def cpu_flags() -> set:
-    "The CPU feature flags of this machine (empty where /proc/cpuinfo does not exist)."
+    """The CPU feature flags of this machine (empty where /proc/cpuinfo does not exist). With the environment variable
+    `TYPHOON_NB_CPU_BF16=0` the bf16 flags are left out, so that a machine with bf16 hardware takes the path of one
+    without (tests and timings of the fp32 fallback)."""
     try: txt = Path('/proc/cpuinfo').read_text()
     except OSError: return set()
+    fl = set()
     for line in txt.splitlines():
-        if line.startswith('flags'): return set(line.split(':', 1)[1].split())
-    return set()
+        if line.startswith('flags'): fl = set(line.split(':', 1)[1].split()); break
+    if os.environ.get('TYPHOON_NB_CPU_BF16') == '0': fl -= set(_BF16_CPU_FLAGS)
+    return fl
+
+def cpu_has_bf16(flags:set|None=None) -> bool:
+    "Whether this CPU multiplies bf16 in hardware (AMX or AVX512-BF16); without, bf16 is emulated and slower than fp32."
+    return any(f in (cpu_flags() if flags is None else flags) for f in _BF16_CPU_FLAGS)
 
 def resolve_precision(name:str='auto', # auto | bf16 | fp16 | fp32
                       device:str|None=None, # cuda | cpu; None: cuda where available
-                      flags:set|None=None): # CPU flags (None: read /proc/cpuinfo)
+                      flags:set|None=None, # CPU flags (None: read /proc/cpuinfo)
+                      bf16_supported:bool|None=None): # whether the GPU has bf16 (None: ask the GPU present); T4 and V100 have not
     "The torch dtype for `name` on `device`, and why it was picked."
     import torch
     if name not in PRECISIONS:
@@ -45,9 +54,10 @@ def resolve_precision(name:str='auto', # auto | bf16 | fp16 | fp32
     dev = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     dts = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
     if dev.startswith('cuda'):
-        bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        if name == 'auto':
-            return (torch.bfloat16, 'auto: CUDA device supports bf16') if bf16_ok else (torch.float16, 'auto: CUDA device without bf16, fp16')
+        bf16_ok = bf16_supported if bf16_supported is not None else torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        if name == 'auto':  # the 4-bit compute dtype follows (quantization_config takes this dtype)
+            return (torch.bfloat16, 'auto: CUDA device supports bf16') if bf16_ok else \
+                   (torch.float16, 'auto: CUDA device without bf16 (T4, V100): fp16 with loss scaling')
         return dts[name], f'{name}: asked for'
     fl = cpu_flags() if flags is None else set(flags)
     hw = [f for f in _BF16_CPU_FLAGS if f in fl]

@@ -63,7 +63,11 @@ def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try: cpu = next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
     except Exception: pass
-    m = {'cpu': cpu, 'cores': os.cpu_count(), 'torch_threads': torch.get_num_threads(), 'torch': torch.__version__}
+    from typhoon_nb.loader import cpu_flags, cpu_has_bf16
+    fl = cpu_flags()
+    m = {'cpu': cpu, 'cores': os.cpu_count(), 'torch_threads': torch.get_num_threads(), 'torch': torch.__version__,
+         'cpu_bf16': cpu_has_bf16(fl), 'cpu_flags': sorted(f for f in fl if f.startswith(('avx', 'amx'))),
+         'compute_dtype': run_dtype()}
     if torch.cuda.is_available(): m |= {'gpu': torch.cuda.get_device_name(0), 'cuda': torch.version.cuda}
     return m
 
@@ -76,10 +80,22 @@ def versions(names=('transformers', 'trl', 'peft', 'bitsandbytes', 'accelerate',
         except PackageNotFoundError: out[n] = None
     return out
 
-def matmul_peak(dtype='bfloat16', sizes=(1024, 2048), reps:int=5, dev:str|None=None) -> dict:
-    "Best FLOP/s of square matmuls in `dtype` over `sizes` (median of `reps` per size): the peak that MFU divides by."
+def run_dtype(dev:str|None=None) -> str:
+    """The dtype our path computes in on `dev` (torch's name), as `precision: auto` picks it: bf16 on a GPU with bf16 and
+    on a CPU with bf16 hardware (AVX512-BF16 or AMX), fp16 on a GPU without, fp32 on a CPU without (where bf16 is emulated,
+    many times slower). Read from the machine at run time (`TYPHOON_NB_CPU_BF16=0` forces the CPU fallback)."""
+    from typhoon_nb.loader import resolve_precision
+    return str(resolve_precision('auto', dev or device())[0]).split('.')[-1]
+
+PEAK_SIZES = {'tiny': (256, 512)}  # square matmul sizes of the peak per shape: small for the smoke runs; the others (1024, 2048)
+
+def matmul_peak(dtype:str|None=None, sizes=(1024, 2048), reps:int=5, dev:str|None=None) -> dict:
+    """Best FLOP/s of square matmuls in `dtype` (default: `run_dtype`, the precision the run computes in) over `sizes`
+    (median of `reps` per size): the peak that MFU divides by."""
     import torch
-    dev, dt = dev or device(), getattr(torch, dtype)
+    dev = dev or device()
+    dtype = dtype or run_dtype(dev)
+    dt = getattr(torch, dtype)
     if dev == 'cuda': sizes = tuple(s * 4 for s in sizes)
     per = {}
     for n in sizes:
@@ -92,7 +108,7 @@ def matmul_peak(dtype='bfloat16', sizes=(1024, 2048), reps:int=5, dev:str|None=N
             if dev == 'cuda': torch.cuda.synchronize()
             ts.append(time.perf_counter() - t)
         per[n] = 2 * n ** 3 / sorted(ts)[len(ts) // 2]
-    return {'dtype': dtype, 'flops_per_s': max(per.values()), 'by_size': per}
+    return {'dtype': dtype, 'flops_per_s': max(per.values()), 'by_size': per, 'device': dev}
 
 def _adapter_module_ids(model) -> set:
     "ids of the modules that belong to adapters: PEFT tuner layers' own layers (`lora_A`, `lora_B`, `modules_to_save` copies, ...) and prompt encoders."
@@ -248,7 +264,9 @@ def trl_trainer(kind:str, shape:str, quantization:str, peft:str, steps:int, batc
                 clock, dev:str, out_dir:str, lr:float=2e-4, padding_free:bool=False, **args):
     """Plain TRL: `SFTConfig()` / `DPOConfig()` defaults (bf16, gradient checkpointing, no packing), the model in its
     checkpoint dtype (fp32 at the small shapes, bf16 at 7b), the adapter through `peft_config`; only the step count, batch,
-    learning rate, logging and `use_cpu` (needed on a CPU) are set, plus `args`."""
+    learning rate, logging and `use_cpu` (needed on a CPU) are set, plus `args`. On a CPU without bf16 hardware, bf16
+    autocast and the 4-bit compute dtype are turned off (fp32), as our path's `precision: auto` does there: emulated bf16
+    would measure the emulation, not TRL."""
     import torch
     from peft import LoraConfig, PrefixTuningConfig
     from typhoon_nb.config import RunConfig
@@ -258,7 +276,7 @@ def trl_trainer(kind:str, shape:str, quantization:str, peft:str, steps:int, batc
     model = build_model(shape, dtype, dev, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     if quantization != 'none':
         say(f"trl: quantizing to {quantization}")
-        quantize_in_place(model, quantization_config(quantization, torch.bfloat16), dev)
+        quantize_in_place(model, quantization_config(quantization, getattr(torch, run_dtype(dev)) if dev == 'cpu' else torch.bfloat16), dev)
     say(f"trl: building the trainer ({peft} through peft_config)")
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules='all-linear', task_type='CAUSAL_LM')
     peft_config = {'lora': lora, 'prefix': PrefixTuningConfig(num_virtual_tokens=16, task_type='CAUSAL_LM')}.get(peft)
@@ -267,7 +285,7 @@ def trl_trainer(kind:str, shape:str, quantization:str, peft:str, steps:int, batc
         model, _ = apply_peft(model, RunConfig(quantization=quantization, peft_method='both'))
     kw = dict(output_dir=out_dir, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=lr, report_to=[],
               save_strategy='no', logging_steps=1, disable_tqdm=True, include_num_input_tokens_seen='non_padding',
-              use_cpu=dev == 'cpu') | args
+              use_cpu=dev == 'cpu') | ({'bf16': False} if dev == 'cpu' and run_dtype(dev) != 'bfloat16' else {}) | args
     if padding_free: kw |= dict(padding_free=True, max_length=None)  # TRL's rule; the data layer checked every record fits
     if kind == 'sft':
         from trl import SFTConfig, SFTTrainer
@@ -337,6 +355,7 @@ def _cli(argv=None):
     ap.add_argument('--data_dir', default=None, help='a folder with sft.jsonl / dpo.jsonl (default: the demo curriculum, which needs pythainlp)')
     ap.add_argument('--no_install', action='store_true', help='do not pip-install missing packages')
     ap.add_argument('--no_peak', action='store_true', help='skip the matmul peak (no MFU)')
+    ap.add_argument('--peak_sizes', default=None, help='comma-separated square sizes of the matmul peak (default: 256,512 at tiny, else 1024,2048)')
     ap.add_argument('--threads', type=int, default=0, help='torch threads (0: torch default)')
     ap.add_argument('--ours_checkpointing', action='store_true', help='our path with gradient checkpointing on (memory against speed)')
     ap.add_argument('--quiet', action='store_true', help='no progress lines')
@@ -355,7 +374,7 @@ def summarize(a, runs:list, paths:list, steps:int, bs:int, L:int, installed:list
            'tokens_per_s': {p: med(p) for p in have}}
     if {'ours', 'trl'} <= set(res['tokens_per_s']): res['ratio'] = res['tokens_per_s']['ours'] / res['tokens_per_s']['trl']
     if peak is not None:
-        res['bf16_peak_flops_per_s'] = peak['flops_per_s']
+        res['peak_flops_per_s'], res['peak_dtype'] = peak['flops_per_s'], peak['dtype']
         if ok:
             fpt = ok[0]['flops_per_token']
             res['mfu'] = {p: v * fpt / peak['flops_per_s'] for p, v in res['tokens_per_s'].items()}
@@ -385,8 +404,9 @@ def main(argv=None) -> dict:
     say(f"tokenizer {a.tokenizer or 'tiny Typhoon'} ({len(tok)} tokens), {len(data)} {a.kind} records from {a.data_dir or 'the demo curriculum'}")
     peak = None
     if not a.no_peak:
-        peak = matmul_peak('bfloat16')
-        say(f"bf16 matmul peak {peak['flops_per_s'] / 1e12:.2f} TFLOP/s")
+        sizes = tuple(int(x) for x in a.peak_sizes.split(',')) if a.peak_sizes else PEAK_SIZES.get(a.shape, (1024, 2048))
+        peak = matmul_peak(run_dtype(), sizes)
+        say(f"{peak['dtype']} matmul peak {peak['flops_per_s'] / 1e12:.2f} TFLOP/s (the precision the run computes in)")
     paths, runs, out = a.paths.split(','), [], Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(a.repeats):
