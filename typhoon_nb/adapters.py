@@ -99,7 +99,7 @@ def check_peft_settings(cfg:RunConfig):
         if not 0 <= cfg.lora_dropout < 1: _fail(f"lora_dropout: must be in [0, 1), got {cfg.lora_dropout!r}")
     if m in ('prefix', 'both'):
         if not cfg.prefix_tokens > 0: _fail(f"prefix_tokens: must be > 0 (typical: 10-30), got {cfg.prefix_tokens!r}")
-        if cfg.gradient_checkpointing:
+        if cfg.gradient_checkpointing is True:  # auto stays off with prefix tuning
             _fail("gradient_checkpointing: PEFT cannot combine prefix tuning with gradient checkpointing (turn one off)")
 
 # %% ../nbs/03_adapters.ipynb #0055b9c6
@@ -155,12 +155,12 @@ def apply_peft(model, cfg:RunConfig, train_embeddings:bool=False):
     if m == 'full' and q: _fail(f"peft_method: full training needs a full-precision base, but the model is quantized ({q}) (load it with quantization: none, or use lora)")
     gc_kw = {'use_reentrant': False}
     if q:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing, gradient_checkpointing_kwargs=gc_kw)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing is True, gradient_checkpointing_kwargs=gc_kw)
         notes.append(f"{q} base prepared for k-bit training (base frozen, unquantized weights in fp32)")
-    elif cfg.gradient_checkpointing:
+    elif cfg.gradient_checkpointing is True:  # auto: run(cfg) decides it from the memory plan; unresolved it is off
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kw)
         if m != 'full': model.enable_input_require_grads()
-    if cfg.gradient_checkpointing: notes.append('gradient checkpointing on')
+    if cfg.gradient_checkpointing is True: notes.append('gradient checkpointing on')
     if train_embeddings and m not in ('lora', 'full'):
         _fail(f"train_embeddings: needs peft_method lora (or full), got {m}")
     if m == 'lora':

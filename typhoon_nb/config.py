@@ -81,7 +81,7 @@ class RunConfig:
     use_dora: bool = False  # weight-decomposed LoRA (DoRA)
     prefix_tokens: int = 16  # prefix tuning: virtual tokens per layer
     prefix_projection: bool = False  # prefix tuning: reparameterise the prefix through an MLP
-    gradient_checkpointing: bool = False  # trade compute for memory (not with prefix tuning)
+    gradient_checkpointing: Union[bool, str] = 'auto'  # auto (on where the memory plan does not fit without it) | true | false; never with prefix tuning
     # patches
     use_rwkv: bool = False  # replace softmax attention by RWKV-style linear attention
     rwkv_window: int = 0  # exact softmax attention over the last W tokens beside the linear part (0: off)
@@ -148,7 +148,7 @@ def _field_comments(cls) -> dict[str, str]:
 
 _CHOICES = {'precision': ('auto', 'bf16', 'fp16', 'fp32'), 'quantization': ('4bit', '8bit', 'none'),
             'peft_method': ('lora', 'prefix', 'both', 'full'), 'lr_schedule': ('cosine', 'linear', 'constant'),
-            'logging': ('none', 'tensorboard')}
+            'logging': ('none', 'tensorboard'), 'gradient_checkpointing': ('auto', True, False)}
 _STAGE_CHOICES = {'kind': STAGE_KINDS, 'reference': DPO_REFERENCES, 'on_bad_record': ('error', 'skip')}
 
 def field_help(cls=None) -> dict[str, str]:
@@ -208,6 +208,8 @@ def parse_value(s, t, opt=False):
     return s
 
 # %% ../nbs/00_config.ipynb #4a388553
+_WORDS = {'gradient_checkpointing': ('auto',)}  # fields that take true, false or one of these words
+
 def _unknown(key, known, path):
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f"did you mean '{close[0]}'?" if close else f"known fields: {', '.join(sorted(known))}"
@@ -222,6 +224,12 @@ def _check_fields(d:dict, cls, path:str, problems:list, parse_strings:bool):
             shown = k if isinstance(k, str) and k.isidentifier() else repr(k[:40] + '...' if isinstance(k, str) and len(k) > 40 else k)  # odd keys quoted
             problems.append(_unknown(shown, known, path)); continue
         if cls is RunConfig and k == 'stages': out[k] = v; continue
+        if cls is RunConfig and k in _WORDS:  # true, false or a word (auto)
+            if isinstance(v, str): w = v.strip().lower(); v = True if w in _TRUE else False if w in _FALSE else w
+            if not (isinstance(v, bool) or v in _WORDS[k]):
+                problems.append(f"{path}{k}: expected true, false or {' or '.join(_WORDS[k])}, got {type(v).__name__} {v!r}")
+            else: out[k] = v
+            continue
         t, opt = _base_type(cls, k)
         if parse_strings and isinstance(v, str) and (t is not str or opt): v = parse_value(v, t, opt)
         if not _check_type(v, t, opt):
@@ -277,7 +285,7 @@ def validate_dict(d, parse_strings:bool=False) -> tuple[list[str], dict]:
         return [f"config: expected a mapping of fields, got {type(d).__name__}"], {}
     out = _check_fields(d, RunConfig, '', problems, parse_strings)
     for k, choices in _CHOICES.items():
-        if k in out and out[k] not in choices: problems.append(f"{k}: must be one of {' | '.join(choices)}, got {out[k]!r}")
+        if k in out and out[k] not in choices: problems.append(f"{k}: must be one of {' | '.join(map(str, choices))}, got {out[k]!r}")
     p = problems
     _range(p, '', 'lora_r', out.get('lora_r'), lambda v: v > 0, 'must be > 0 (typical: 8, 16, 64)')
     _range(p, '', 'lora_alpha', out.get('lora_alpha'), lambda v: v > 0, 'must be > 0 (typical: 2 x lora_r)')
@@ -307,7 +315,7 @@ def validate_dict(d, parse_strings:bool=False) -> tuple[list[str], dict]:
     m = {f.name: f.default for f in fields(RunConfig) if f.default is not dataclasses.MISSING} | out
     if m.get('peft_method') == 'full' and m.get('quantization') in ('4bit', '8bit'):
         p.append(f"peft_method: full training needs a full-precision base, but quantization is {m['quantization']} (set quantization: none, or use lora)")
-    if m.get('peft_method') in ('prefix', 'both') and m.get('gradient_checkpointing'):
+    if m.get('peft_method') in ('prefix', 'both') and m.get('gradient_checkpointing') is True:  # auto keeps it off there
         p.append("gradient_checkpointing: PEFT cannot combine prefix tuning with gradient checkpointing (turn one off)")
     if 'stages' in d:
         st = d['stages']
@@ -407,7 +415,10 @@ def make_parser(prog='typhoon-nb train'):
     for f in fields(RunConfig):
         t, opt = _base_type(RunConfig, f.name)
         h = helps.get(f.name, '').replace('%', '%%')  # argparse %-formats help: 'Alpaca: 3%' would crash --help
-        if t is bool: ap.add_argument(f'--{f.name}', action=argparse.BooleanOptionalAction, help=h)
+        if f.name in _WORDS:  # --gradient_checkpointing [auto|true|false], --no-gradient_checkpointing
+            ap.add_argument(f'--{f.name}', nargs='?', const='true', metavar='|'.join(_WORDS[f.name] + ('true', 'false')), help=h)
+            ap.add_argument(f'--no-{f.name}', dest=f.name, action='store_const', const='false', help=argparse.SUPPRESS)
+        elif t is bool: ap.add_argument(f'--{f.name}', action=argparse.BooleanOptionalAction, help=h)
         else: ap.add_argument(f'--{f.name}', metavar=f.name.upper(), help=h)
     return ap
 

@@ -15,7 +15,7 @@ from .config import RunConfig, StageConfig, ConfigError, GROUPS, field_help, _un
 __all__ = ['DEMO_STAGES', 'JobError', 'JobFailed', 'parameters_source', 'job_notebook', 'write_job_notebook', 'job_config',
            'check_data_paths', 'read_mapping', 'job_parameters', 'launch_command', 'result_from_folder', 'launch',
            'run_job', 'worker', 'execute_job', 'run_metrics', 'list_runs', 'markdown_table', 'compare_runs',
-           'compare_markdown', 'load_grid', 'sweep', 'plot_sweep', 'params_text', 'main']
+           'compare_markdown', 'load_grid', 'sweep', 'plot_sweep', 'plan_command', 'params_text', 'main']
 
 # %% ../nbs/07_jobs.ipynb #41eabc62
 class JobError(ValueError):
@@ -341,6 +341,28 @@ def plot_sweep(folder, runs:list) -> Path:
     fig.tight_layout(); fig.savefig(Path(folder) / 'comparison.png', dpi=80); plt.close(fig)
     return Path(folder) / 'comparison.png'
 
+# %% ../nbs/07_jobs.ipynb #b5e1c0a7
+def plan_command(argv:list) -> int:
+    """`typhoon-nb plan [--gpu NAME | --memory_gb N] [--FIELD VALUE ...]`: the memory plan of the run the flags describe on
+    a card of `typhoon_nb.memory.GPUS`, a size in GiB or the device present, and the decisions it takes; 0 when the run
+    fits, 3 when nothing fits."""
+    import argparse
+    from .memory import plan_memory, GPUS
+    ap = argparse.ArgumentParser(prog='typhoon-nb plan', allow_abbrev=False, add_help=False)
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument('--gpu', choices=list(GPUS), help='a card: ' + ', '.join(GPUS))
+    g.add_argument('--memory_gb', type=float, help='a GPU of this many GiB (bf16 assumed)')
+    ns, rest = ap.parse_known_args(argv)
+    if '-h' in rest or '--help' in rest:
+        ap.print_help(); print('\nand any field of typhoon-nb train (see: typhoon-nb train --help)'); return 0
+    cfg = RunConfig.from_flags(rest)
+    try: plan = plan_memory(cfg, ns.gpu or ns.memory_gb)
+    except (ValueError, OSError) as e: raise JobError(f"plan: {e}") from None
+    print(plan)
+    stages = ', '.join(f"{s.name} micro-batch {s.micro_batch} x grad_accum {s.accum}" for s in plan.stages)
+    print(f"\ndecisions: precision {plan.precision}; gradient_checkpointing {str(plan.gradient_checkpointing).lower()}; {stages}")
+    return 0 if plan.fits else 3
+
 # %% ../nbs/07_jobs.ipynb #ed2465c5
 def params_text() -> str:
     "The job parameters, grouped, with types, defaults and help."
@@ -383,7 +405,7 @@ def main(argv:Optional[list]=None) -> int:
     "The `typhoon-nb` command line."
     import argparse
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmds = ['train', 'params', 'sweep', 'runs', 'compare', 'resume', 'rerun', 'demo', 'worker']
+    cmds = ['train', 'params', 'plan', 'sweep', 'runs', 'compare', 'resume', 'rerun', 'demo', 'worker']
     if not argv or argv[0] in ('-h', '--help') or argv[0] not in cmds:
         print(main.__doc__ + '\n\n' + '\n'.join(l[2:] for l in _USAGE.splitlines()))
         return 0 if argv and argv[0] in ('-h', '--help') else 2
@@ -395,6 +417,7 @@ def main(argv:Optional[list]=None) -> int:
                 make_parser().print_help(); return 0
             return _train(RunConfig.from_flags(rest))
         if cmd == 'params': print(params_text()); return 0
+        if cmd == 'plan': return plan_command(rest)
         ap = argparse.ArgumentParser(prog=f'typhoon-nb {cmd}')
         if cmd == 'sweep': ap.add_argument('grid'); ap.add_argument('--log', action='store_true')
         elif cmd == 'runs': ap.add_argument('folder', nargs='?', default='runs')
@@ -428,6 +451,8 @@ _USAGE = """
   typhoon-nb train [--peft_method lora|prefix|both] [--quantization 4bit|8bit|none] [--use_rwkv] [--use_llama3]
                    [--config run.yaml] [--FIELD VALUE ...]      run the job notebook (report.ipynb in the run folder)
   typhoon-nb params                   the job parameters with types, defaults and help
+  typhoon-nb plan [--gpu NAME | --memory_gb N] [--FIELD VALUE ...]
+                                      the memory plan and its decisions (exit 0: fits, 3: nothing fits)
   typhoon-nb sweep grid.yaml          a grid of jobs, then comparison.csv / .md / .png
   typhoon-nb runs [DIR]               run folders with their key metrics
   typhoon-nb compare RUN RUN...       config and metric differences

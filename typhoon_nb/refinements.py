@@ -46,7 +46,7 @@ def trainer_kwargs(cfg:RunConfig, # the run
               weight_decay=rv.weight_decay, max_grad_norm=rv.max_grad_norm,
               per_device_train_batch_size=stage.batch_size, gradient_accumulation_steps=stage.grad_accum,
               num_train_epochs=stage.epochs, max_steps=stage.max_steps, seed=cfg.seed,
-              activation_checkpointing=cfg.gradient_checkpointing)
+              activation_checkpointing=cfg.gradient_checkpointing is True)
     if stage.kind in ('pretrain', 'sft'):
         kw |= dict(label_smoothing_factor=rv.label_smoothing, neftune_noise_alpha=rv.neftune_alpha,
                    max_length=stage.max_length, packing=rv.packing, padding_free=rv.packing,

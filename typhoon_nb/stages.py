@@ -439,7 +439,11 @@ def _precision_flags(model) -> dict:
     q = getattr(getattr(model, 'config', None), 'quantization_config', None)
     compute = getattr(q, 'bnb_4bit_compute_dtype', None) if q is not None else None
     bf16 = dt == torch.bfloat16 or compute in (torch.bfloat16, 'bfloat16')
-    return {'bf16': bool(bf16), 'use_cpu': not torch.cuda.is_available()}
+    # fp16 compute on a GPU without bf16 (T4, V100): autocast with loss scaling, where the trained weights are fp32
+    # (a GradScaler cannot unscale fp16 gradients)
+    fp16 = (torch.cuda.is_available() and (dt == torch.float16 or compute in (torch.float16, 'float16'))
+            and all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad))
+    return {'bf16': bool(bf16), 'fp16': bool(fp16), 'use_cpu': not torch.cuda.is_available()}
 
 def _common_args(cfg, stage, out_dir, model, progress:bool) -> dict:
     from .refinements import trainer_kwargs
@@ -750,6 +754,15 @@ def run(cfg:RunConfig, progress:bool=True, listener:Optional[Callable]=None, sto
             write_json(run_dir / 'summary.json', res.summary)
         return res
     try:
+        # 0. memory plan (typhoon_nb.memory): checkpointing and micro-batch decided, or a refusal, before anything loads
+        from .memory import plan_memory, SHAPE_NAMES
+        if cfg.model in SHAPE_NAMES:
+            raise RunError(f"model: {cfg.model} is Typhoon-7B's shape without weights: it plans (typhoon-nb plan --model "
+                           f"{cfg.model}) but cannot train; use model: scb10x/typhoon-7b or a local folder")
+        plan = plan_memory(cfg)
+        manifest['memory_plan'] = plan.to_dict(); say(str(plan))
+        if not plan.fits: raise RunError(plan.message)
+        cfg = plan.apply(cfg); save_manifest()
         # 1. data first: fail fast
         from .loader import load_tokenizer
         tokenizer = load_tokenizer(cfg.model, cfg)
