@@ -913,7 +913,7 @@ def eval_figure(summary:dict):
         if _unbounded(g[0]['metric']): ax.set_ylim(0, max([num(b[w]) for b in g for w in ('before', 'after') if b[w] is not None] + [1]) * 1.2)
         else: ax.set_ylim(0, 1.12)
         ax.spines[['top', 'right']].set_visible(False)
-    axs[0][0].legend(fontsize=7, loc='upper left')
+    fig.legend(*axs[0][0].get_legend_handles_labels(), fontsize=7, loc='upper right', ncols=2, frameon=False)
     fig.suptitle('before and after each stage (held-out data)', fontsize=9)
     fig.tight_layout()
     return fig
