@@ -169,6 +169,36 @@ def test_train_leaves_a_report(trained):
     assert RunConfig.from_yaml(rd / 'config.yaml').lora_dropout == 0.1
     assert json.loads((rd / 'summary.json').read_text())['stages']['sft']['steps'] == 4
 
+# the terminal's progress line per stage (execute_job's JobProgress; not a terminal here: first step, every 10 s, last step)
+PROGRESS = re.compile(r'^sft +\[[#.]{20}\]  step (\d+)/4  loss (\d+\.\d{4})(?:  \(mean \d+\.\d{4}\))?  [\d,]+ tok/s(?:  (\d+:\d\d) left|  done in (\d+:\d\d))?$', re.M)
+# what the user cannot act on: the kernel's notices, dependency deprecations
+NOISE = re.compile(r'without encryption|FutureWarning|DeprecationWarning|KeyboardInterrupt|\[IPKernelApp\]')
+
+def test_train_shows_progress_and_no_dependency_warnings(trained):
+    rd, p = trained
+    steps = [(int(m.group(1)), float(m.group(2)), m.group(4)) for m in PROGRESS.finditer(p.stdout)]
+    assert steps[0][0] == 1 and steps[-1][0] == 4 and steps[-1][2], (steps, p.stdout)     # from step 1 to 4/4 ... done in m:ss
+    assert [s for s, _, _ in steps] == sorted(s for s, _, _ in steps)
+    logged = {(r['step'], round(r['loss'], 4)) for r in map(json.loads, (rd / 'metrics.jsonl').read_text().splitlines()) if 'loss' in r}
+    assert all((s, l) in logged for s, l, _ in steps), (steps, logged)       # the numbers are the trainer's
+    assert not NOISE.findall(p.stdout + p.stderr), NOISE.findall(p.stdout + p.stderr)
+    report = (rd / 'report.ipynb').read_text(encoding='utf-8')
+    assert 'FutureWarning' not in report and 'DeprecationWarning' not in report
+
+def test_dependency_warnings_are_quiet_ours_stay():
+    import warnings
+    from typhoon_nb.jobs import quiet_dependency_warnings
+    raise_in = lambda module, msg, cat: exec(f"import warnings; warnings.warn({msg!r}, {cat})", {'__name__': module})
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter('always')
+        quiet_dependency_warnings()
+        raise_in('transformers.modeling_utils', 'deprecated upstream', 'FutureWarning')
+        raise_in('torch.jit._script', 'deprecated upstream', 'DeprecationWarning')
+        raise_in('typhoon_nb.stages', 'ours', 'FutureWarning')
+        raise_in('__main__', 'the notebook calls a deprecated name', 'DeprecationWarning')
+        raise_in('transformers.trainer', 'not a deprecation', 'UserWarning')
+    assert [str(w.message) for w in seen] == ['ours', 'the notebook calls a deprecated name', 'not a deprecation']
+
 def test_rerun_gives_identical_metrics(trained, work):
     rd, _ = trained
     p = cli('rerun', rd, cwd=work)
@@ -207,6 +237,8 @@ def test_sweep_two_points(work):
     assert all(float(r['sft.train_loss']) > 0 for r in rows)
     assert (folder / 'comparison.png').stat().st_size > 1000 and '| lr_schedule_cosine | cosine | done |' in (folder / 'comparison.md').read_text()
     for r in rows: assert (folder / r['run'] / 'report.ipynb').is_file()
+    assert len(PROGRESS.findall(p.stdout)) >= 4, p.stdout     # each point: its first step and its last, 4 steps each
+    assert not NOISE.findall(p.stdout + p.stderr), NOISE.findall(p.stdout + p.stderr)
 
 # --- a failing job ---------------------------------------------------------------------------------------------------
 def test_failing_job_exits_nonzero_and_keeps_the_report(work):

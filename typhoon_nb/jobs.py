@@ -14,8 +14,9 @@ from .config import RunConfig, StageConfig, ConfigError, GROUPS, field_help, _un
 # %% auto #0
 __all__ = ['DEMO_STAGES', 'JobError', 'JobFailed', 'parameters_source', 'job_notebook', 'write_job_notebook', 'job_config',
            'check_data_paths', 'read_mapping', 'job_parameters', 'launch_command', 'result_from_folder', 'launch',
-           'run_job', 'worker', 'execute_job', 'run_metrics', 'list_runs', 'markdown_table', 'compare_runs',
-           'compare_markdown', 'load_grid', 'sweep', 'plot_sweep', 'plan_command', 'params_text', 'main']
+           'quiet_dependency_warnings', 'run_job', 'worker', 'JobProgress', 'execute_job', 'run_metrics', 'list_runs',
+           'markdown_table', 'compare_runs', 'compare_markdown', 'load_grid', 'sweep', 'plot_sweep', 'plan_command',
+           'params_text', 'main']
 
 # %% ../nbs/07_jobs.ipynb #41eabc62
 class JobError(ValueError):
@@ -164,11 +165,22 @@ def launch(cfg:RunConfig, script:Optional[str]=None):
     if rc != 0: raise JobFailed(f"{cfg.num_processes}-process training failed (exit {rc}); see the output above", run_dir=rd)
     return result_from_folder(rd)
 
+_QUIET = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+def quiet_dependency_warnings():
+    """Ignore deprecation and future warnings raised inside the dependencies (transformers, torch, ...): the user cannot
+    act on them. Ours (raised in `typhoon_nb`) and those pointing at the notebook's own code stay."""
+    import warnings
+    for cat in _QUIET: warnings.filterwarnings('ignore', category=cat, module=r'(?!typhoon_nb\b|__main__$)')
+
 def run_job(cfg:RunConfig, progress:bool=False):
     "The job notebook's run cell: `run(cfg)` (or `launch` for several processes), then the table and the plots."
+    import warnings
     from IPython.display import display, Markdown, Image
     from .stages import run
-    res = launch(cfg) if cfg.num_processes > 1 else run(cfg, progress=progress)
+    with warnings.catch_warnings():
+        quiet_dependency_warnings()
+        res = launch(cfg) if cfg.num_processes > 1 else run(cfg, progress=progress)
     display(Markdown(res._repr_markdown_()))
     for png in sorted((Path(res.run_dir) / 'plots').glob('*.png')): display(Image(filename=str(png)))
     return res
@@ -178,6 +190,107 @@ def worker(cfg_path) -> None:
     from .stages import run
     run(RunConfig.from_yaml(cfg_path), progress=False, verbose=int(os.environ.get('RANK', '0')) == 0)
 
+# %% ../nbs/07_jobs.ipynb #5d2f8a31
+import threading
+
+def _clock(s:float) -> str:
+    s = int(max(s, 0)); return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+class JobProgress:
+    "A live progress line per stage, from the run folder's `metrics.jsonl`, for the terminal that runs a job."
+    def __init__(self, run_dir, # the run folder being written
+                 stages=(), # the run's `StageConfig`s (read from `config.yaml` once it exists when empty)
+                 out=None, # where the lines go (default: sys.stdout)
+                 tty:Optional[bool]=None, # rewrite one line with `\r` (default: whether `out` is a terminal)
+                 every:float=10.0, # seconds between lines when not a terminal
+                ):
+        self.path, self.out = Path(run_dir) / 'metrics.jsonl', out or sys.stdout
+        self.tty = bool(getattr(self.out, 'isatty', lambda: False)()) if tty is None else tty
+        self.every, self.stages, self.run_dir = every, {s.stage_name: s for s in stages}, Path(run_dir)
+        self.pos = self.path.stat().st_size if self.path.exists() else 0   # a resumed run: only what comes now
+        self.cur, self.first, self.loss, self.line, self.shown, self.last = None, None, None, '', False, 0.0
+        self.lock = threading.Lock()
+
+    def _total(self, rec) -> Optional[int]:
+        if not self.stages and (self.run_dir / 'config.yaml').is_file():
+            try: self.stages = {s.stage_name: s for s in RunConfig.from_yaml(self.run_dir / 'config.yaml').stages}
+            except Exception: pass
+        s = self.stages.get(rec.get('stage'))
+        if s is not None and s.max_steps > 0: return s.max_steps
+        ep, epochs = rec.get('epoch') or 0, s.epochs if s is not None else None
+        return max(rec['step'], round(rec['step'] / ep * epochs)) if ep and epochs else None
+
+    def format(self, rec) -> str:
+        "The progress line of record `rec` (`first`: the stage's first record, for the time left)."
+        st, step, total = rec.get('stage', '?'), rec.get('step', 0), self._total(rec)
+        done = 'train_loss' in rec
+        parts = [f"{st:<10}", f"step {step}/{total}" if total else f"step {step}"]
+        if total:
+            n = int(20 * min(step / total, 1)); parts.insert(1, '[' + '#' * n + '.' * (20 - n) + ']')
+        loss = rec.get('loss', self.loss if rec.get('stage') == self.cur else None)   # the last step's loss
+        if loss is not None: parts.append(f"loss {loss:.4f}")
+        if done and rec.get('train_loss') is not None: parts.append(f"(mean {rec['train_loss']:.4f})")
+        if rec.get('tokens_per_s'): parts.append(f"{rec['tokens_per_s']:,.0f} tok/s")
+        f = self.first
+        if done: parts.append(f"done in {_clock(rec.get('train_runtime') or (rec['time'] - f['time'] if f else 0))}")
+        elif total and f and step > f['step']:
+            parts.append(f"{_clock((rec['time'] - f['time']) / (step - f['step']) * (total - step))} left")
+        return '  '.join(parts)
+
+    def _emit(self, line:str, final:bool=False):
+        if self.tty:
+            self.out.write('\r' + line + '\x1b[K' + ('\n' if final else '')); self.shown = not final
+        else: self.out.write(line + '\n')
+        self.out.flush(); self.line, self.last = ('' if final else line), time.time()
+
+    def update(self, rec:dict):
+        "Show record `rec` (one line of metrics.jsonl)."
+        if 'step' not in rec or 'stage' not in rec: return
+        with self.lock:
+            if rec['stage'] != self.cur:
+                if self.tty and self.shown: self.out.write('\n'); self.shown = False
+                self.cur, self.first, self.loss = rec['stage'], rec, None
+            if 'loss' in rec: self.loss = rec['loss']
+            final = 'train_loss' in rec
+            if self.tty or final or rec is self.first or time.time() - self.last >= self.every: self._emit(self.format(rec), final)
+            else: self.line = self.format(rec)
+
+    def poll(self):
+        "Read the records written since the last poll."
+        if not self.path.exists(): return
+        if self.path.stat().st_size < self.pos: self.pos = 0   # the folder was replaced (overwrite)
+        with open(self.path, 'rb') as f:
+            f.seek(self.pos); data = f.read()
+        end = data.rfind(b'\n') + 1                            # only complete lines
+        self.pos += end
+        for l in data[:end].decode('utf-8', 'replace').splitlines():
+            try: self.update(json.loads(l))
+            except (ValueError, TypeError, KeyError): pass
+
+    def stream(self, target):
+        "A file-like object for the kernel's output (papermill's stdout_file): the progress line steps aside for it."
+        prog = self
+        class _Stream:
+            def write(self, text):
+                with prog.lock:
+                    if prog.tty and prog.shown: prog.out.write('\r\x1b[K'); prog.out.flush(); prog.shown = False
+                    target.write(text); target.flush()
+                    if prog.tty and prog.line and text.endswith('\n'): prog.out.write(prog.line); prog.out.flush(); prog.shown = True
+            def flush(self): target.flush()
+        return _Stream()
+
+    def __enter__(self):
+        self._stop = threading.Event()
+        def loop():
+            while not self._stop.wait(0.5): self.poll()
+        self._thread = threading.Thread(target=loop, daemon=True, name='job-progress'); self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set(); self._thread.join(timeout=5); self.poll()
+        with self.lock:
+            if self.tty and self.shown: self.out.write('\n'); self.out.flush(); self.shown = False
+
 # %% ../nbs/07_jobs.ipynb #09009ee4
 def _free_name(folder:Path, stem:str) -> Path:
     p, n = folder / f'{stem}.ipynb', 2
@@ -186,13 +299,24 @@ def _free_name(folder:Path, stem:str) -> Path:
 
 _ANSI = re.compile(r'\x1b\[[0-9;]*m')
 
+def _kernel_config(folder:Path):
+    """The job's kernel: IPC sockets in `folder` where the platform has them (no TCP port, so no warning about one), and
+    only its critical log lines (not jupyter_client's interrupt before shutdown); the job's own output is unchanged."""
+    from traitlets.config import Config
+    c = Config()
+    if os.name == 'posix': c.KernelManager.transport, c.KernelManager.ip = 'ipc', str(Path(folder) / 'kernel')
+    c.NotebookClient.extra_arguments = ['--IPKernelApp.log_level=CRITICAL']
+    return c
+
 def execute_job(cfg:RunConfig, # the job; `run_name` is filled in with a timestamp when empty
                 log:bool=True, # stream the kernel's output to this process's stdout/stderr
                 kernel:str='python3',
                 parameters:Optional[dict]=None, # papermill parameters (default: `job_parameters(cfg)`)
+                progress:bool=True, # a live progress line per stage on stdout (`JobProgress`)
+                progress_every:float=10.0, # seconds between progress lines when stdout is not a terminal
                ) -> Path:
     "Run the job notebook through papermill; the run folder (with `report.ipynb`). Raises `JobFailed`."
-    import papermill as pm
+    import papermill as pm, contextlib
     if cfg.resume: rd = Path(cfg.resume)
     else:
         if not cfg.run_name: cfg = dataclasses.replace(cfg, run_name=datetime.datetime.now().strftime('%Y%m%d-%H%M%S'))
@@ -202,9 +326,13 @@ def execute_job(cfg:RunConfig, # the job; `run_name` is filled in with a timesta
     with tempfile.TemporaryDirectory() as d:
         nb, out = write_job_notebook(Path(d) / 'train.ipynb'), Path(d) / 'report.ipynb'
         err = None
+        prog = JobProgress(rd, [] if cfg.resume else cfg.stages, every=progress_every) if progress else None
+        outs = (prog.stream(sys.stdout), prog.stream(sys.stderr)) if prog else (sys.stdout, sys.stderr)
         try:
-            pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name=kernel, cwd=os.getcwd(), progress_bar=False,
-                                stdout_file=sys.stdout if log else None, stderr_file=sys.stderr if log else None)
+            with prog or contextlib.nullcontext():
+                pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name=kernel, cwd=os.getcwd(), progress_bar=False,
+                                    stdout_file=outs[0] if log else None, stderr_file=outs[1] if log else None,
+                                    config=_kernel_config(d))
         except pm.PapermillExecutionError as e:
             err = f"job failed in cell [{e.exec_count}]: {e.ename}: {_ANSI.sub('', e.evalue)}"
         if not out.exists(): raise JobFailed(err or 'the job notebook did not run', None, rd)
