@@ -533,7 +533,7 @@ def main(argv:Optional[list]=None) -> int:
     "The `typhoon-nb` command line."
     import argparse
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmds = ['train', 'params', 'plan', 'sweep', 'runs', 'compare', 'resume', 'rerun', 'demo', 'worker']
+    cmds = ['train', 'params', 'plan', 'sweep', 'runs', 'compare', 'resume', 'rerun', 'demo', 'chat', 'worker']
     if not argv or argv[0] in ('-h', '--help') or argv[0] not in cmds:
         print(main.__doc__ + '\n\n' + '\n'.join(l[2:] for l in _USAGE.splitlines()))
         return 0 if argv and argv[0] in ('-h', '--help') else 2
@@ -545,6 +545,9 @@ def main(argv:Optional[list]=None) -> int:
                 make_parser().print_help(); return 0
             return _train(RunConfig.from_flags(rest))
         if cmd == 'params': print(params_text()); return 0
+        if cmd == 'chat':
+            from typhoon_nb.chat import chat_cli
+            return chat_cli(rest)
         if cmd == 'plan': return plan_command(rest)
         ap = argparse.ArgumentParser(prog=f'typhoon-nb {cmd}')
         if cmd == 'sweep': ap.add_argument('grid'); ap.add_argument('--log', action='store_true')
@@ -586,6 +589,7 @@ _USAGE = """
   typhoon-nb compare RUN RUN...       config and metric differences
   typhoon-nb resume RUN               continue a killed or stopped run
   typhoon-nb rerun RUN                the same config again, as RUN-rerun
-  typhoon-nb demo                     the main job on the embedded default"""
+  typhoon-nb demo                     the main job on the embedded default
+  typhoon-nb chat RUN [--stage S] [--compare base,sft,dpo] [--prompt TEXT]   talk to a run's model, streaming"""
 
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())  # python -m typhoon_nb.jobs (not a notebook kernel)
