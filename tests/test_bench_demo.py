@@ -14,7 +14,7 @@ def smoke(tmp_path_factory):
     out = folder / 'demo_seeds.json'
     import torch
     cpu = {torch.float32: 'fp32', torch.bfloat16: 'bf16'}[resolve_precision('auto', device='cpu')[0]]  # what this CPU has
-    params = dict(model='micro-typhoon', precision=cpu, quantization='none', seeds=2, curve_points=2,
+    params = dict(model='micro-typhoon', precision=cpu, quantization='none', seeds=2, curve_points=2, workers=2,
                   max_steps={'pretrain': 2, 'sft': 4, 'dpo': 1}, eval_samples=8, out_json=str(out))
     env = {'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1'}
     old = {k: os.environ.get(k) for k in env}
@@ -54,7 +54,7 @@ def test_spread_is_over_the_seeds(smoke):
 def test_curve_and_machine_record(smoke):
     res, p = smoke
     c = res['curve']
-    assert c['steps'] == [0, 2, 4] and len(c['exact_match']) == 3 and all(0 <= v <= 1 for v in c['exact_match'])
+    assert c["steps"] == [0, 2, 4] and c["segments"] == 2 and len(c['exact_match']) == 3 and all(0 <= v <= 1 for v in c['exact_match'])
     assert res['curve']['exact_match'][0] == res['runs'][0]['stages']['sft']['exact_match_before']  # same base, same seed
     m = res['machine']
     assert m['cores'] == os.cpu_count() and m['precision'] == {'fp32': 'float32', 'bf16': 'bfloat16'}[p['precision']] and 'cpu' in m and 'load_average_start' in m
