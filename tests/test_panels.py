@@ -207,7 +207,7 @@ def stopped_and_resumed(tmp_path_factory):
     seen['alive_after_start'] = rp.thread.is_alive()
     seen['running_state'] = rp.state
     rp.wait(300)
-    seen['stopped'] = dict(state=rp.state, bar=rp.bars['sft'].value, style=rp.bars['sft'].bar_style,
+    seen['stopped'] = dict(state=rp.state, bar=rp.bars['sft'].value, style=rp.bars['sft'].bar_style, chat=rp.chat_button.disabled,
                            resume=rp.resume_button.disabled, run=rp.run_button.disabled, points=list(rp.loss_points),
                            manifest=json.loads((rp.run_dir / 'manifest.json').read_text()),
                            checkpoints=sorted(p.name for p in (rp.run_dir / 'stages' / '0-sft' / 'checkpoints').glob('checkpoint-*')),
@@ -251,6 +251,18 @@ def test_resume_finishes_with_full_bar_loss_points_and_evaluation(stopped_and_re
     assert rp.result.stages[0].steps == MAX_STEPS
     assert 'run done' in rp.log_area.value and 'run stopped' in rp.log_area.value
     assert rp.resume_button.disabled and rp.stop_button.disabled
+
+
+def test_chat_opens_on_the_finished_run(stopped_and_resumed):
+    "Chat stays off while no stage has finished (stopped mid-SFT), turns on when the run is done and opens a ChatPanel on it."
+    rp, seen = stopped_and_resumed
+    assert seen['stopped']['chat'] is True and rp.chat_button.disabled is False
+    rp.chat_button.click()
+    assert rp.chat is not None and rp.chat_box.children == (rp.chat,)
+    assert rp.chat.folder.value == str(rp.run_dir) and rp.chat.stage_select.value == ('base', 'final')
+    rp.chat.max_new.value = 8
+    rp.chat.send('สวัสดี', wait=True)
+    assert rp.chat.error is None and [m['role'] for m in rp.chat.histories['final']] == ['user', 'assistant']
 
 
 def test_start_while_running_and_resume_without_a_run_are_refused(tmp_path):

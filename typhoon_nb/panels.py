@@ -354,6 +354,9 @@ class RunPanel(widgets.VBox):
         self.stop_button = widgets.Button(description='Stop', button_style='danger', icon='stop', disabled=True,
                                           tooltip='finish the current step, save a checkpoint and stop')
         self.resume_button = widgets.Button(description='Resume', icon='forward', disabled=True, tooltip='continue the stopped run')
+        self.chat_button = widgets.Button(description='Chat', icon='comments', disabled=True,
+                                          tooltip="talk to the run's stages side by side with the base")
+        self.chat, self.chat_box = None, widgets.VBox()
         self.status = widgets.HTML('idle')
         self.bars_box = widgets.VBox()
         self.bars, self.bar_labels = {}, {}
@@ -363,8 +366,9 @@ class RunPanel(widgets.VBox):
         self.run_button.on_click(lambda _: self.start())
         self.stop_button.on_click(lambda _: self.stop())
         self.resume_button.on_click(lambda _: self.resume())
-        self.children = [widgets.HBox([self.run_button, self.stop_button, self.resume_button, self.status]),
-                         self.bars_box, self.plot, self.evals, self.log_area]
+        self.chat_button.on_click(lambda _: self.open_chat())
+        self.children = [widgets.HBox([self.run_button, self.stop_button, self.resume_button, self.chat_button, self.status]),
+                         self.bars_box, self.plot, self.evals, self.log_area, self.chat_box]
         if isinstance(source, TechniquePanel):
             source.on_run = self.start
             source.run_button.observe(lambda c: self._sync_run_button(), names='disabled')
@@ -424,8 +428,24 @@ def _work(self, cfg):
         self.status.value = f"<b>{self.state}</b> <code>{html.escape(str(self.run_dir))}</code>"
         self.stop_button.disabled = True
         self.resume_button.disabled = self.state not in ('stopped', 'failed') or not (Path(self.run_dir) / 'manifest.json').is_file()
+        self.chat_button.disabled = not self._can_chat()
         self._sync_run_button()
 RunPanel._work = _work
+
+def _can_chat(self) -> bool:
+    "Whether the run folder has a finished stage to talk to."
+    from typhoon_nb.chat import finished_stages, ChatError
+    try: return self.run_dir is not None and len(finished_stages(self.run_dir)) > 1
+    except ChatError: return False
+RunPanel._can_chat = _can_chat
+
+def _open_chat(self, stages=None):
+    "Open a `ChatPanel` on the run this panel ran (below the log): its finished stages beside the base."
+    from typhoon_nb.chat import ChatPanel
+    self.chat = ChatPanel(self.run_dir, stages)
+    self.chat_box.children = [self.chat]
+    return self.chat
+RunPanel.open_chat = _open_chat
 
 def _poll(self):
     while self.thread is not None and self.thread.is_alive():
