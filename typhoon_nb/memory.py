@@ -173,7 +173,7 @@ def layer_activation_bytes(s:dict, cfg:RunConfig, a:int, device_kind:str='cuda')
     return n
 
 # %% ../nbs/02c_memory.ipynb #m0000019
-WORKSPACE = {'cuda': (256 * 2**20, 0.05), 'cpu': (0, 0.10)}  # (fixed bytes, fraction of the rest): kernel workspace, allocator slack
+WORKSPACE = {'cuda': (256 * 2**20, 0.05), 'cpu': (192 * 2**20, 0.25)}  # (fixed bytes, fraction of the rest): kernel workspace, allocator slack
 CUDA_RUNTIME = int(0.75 * GiB)  # CUDA context, cuBLAS handles and kernels: device memory outside torch's allocator
 
 def stage_tokens(stage:StageConfig, batch_size:int|None=None) -> int:
