@@ -31,6 +31,7 @@ setuptools.setup(
     url=cfg['git_url'],
     packages=setuptools.find_packages(include=['typhoon_nb', 'typhoon_nb.*']),
     include_package_data=True,
+    package_data={'typhoon_nb': ['assets/tiny-typhoon/*']},  # the shipped tiny Typhoon base
     install_requires=requirements,
     extras_require={'dev': dev_requirements},
     python_requires='>=' + cfg['min_python'],

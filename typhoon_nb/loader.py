@@ -11,11 +11,10 @@ from typing import Callable, Optional
 from .config import RunConfig
 
 # %% auto #0
-__all__ = ['log', 'PRECISIONS', 'CHAT_TEMPLATE', 'EMBEDDED', 'SUPPORTED', 'RECIPES', 'SPECIAL_TOKENS', 'LoaderError', 'cpu_flags',
-           'cpu_has_bf16', 'resolve_precision', 'prepare_tokenizer', 'load_tokenizer', 'hub_offline',
-           'resolve_model_path', 'check_safetensors', 'check_model_folder', 'quantization_config', 'quantize_in_place',
-           'keep_4bit_trainable', 'quantized_layers', 'model_bytes', 'LoadReport', 'make_report', 'load_model',
-           'general_thai_text', 'train_tokenizer', 'recipe_key', 'cache_root', 'tiny_typhoon']
+__all__ = ['log', 'PRECISIONS', 'CHAT_TEMPLATE', 'EMBEDDED', 'SUPPORTED', 'LoaderError', 'cpu_flags', 'cpu_has_bf16',
+           'resolve_precision', 'prepare_tokenizer', 'load_tokenizer', 'hub_offline', 'resolve_model_path',
+           'check_safetensors', 'check_model_folder', 'quantization_config', 'quantize_in_place', 'keep_4bit_trainable',
+           'quantized_layers', 'model_bytes', 'LoadReport', 'make_report', 'load_model']
 
 # %% ../nbs/02_loader.ipynb #e4818bd5
 class LoaderError(ValueError):
@@ -130,7 +129,9 @@ def _offline_error(repo, why):
 
 def resolve_model_path(model:str, cfg:RunConfig|None=None) -> Path:
     "The local folder holding `model` (embedded name, folder, or cached hub id)."
-    if model in EMBEDDED: return tiny_typhoon(EMBEDDED[model])
+    if model in EMBEDDED:
+        from typhoon_nb.tiny import tiny_typhoon  # here, not at import: tiny imports this module
+        return tiny_typhoon(EMBEDDED[model])
     p = Path(model).expanduser()
     if p.exists():
         if not p.is_dir(): raise LoaderError(f"{p}: is a file; pass the folder that holds config.json and the weights")
@@ -399,168 +400,13 @@ def load_model(cfg:RunConfig, # model, precision, quantization, trust_remote_cod
     rep = make_report(model, cfg, folder, dtype, reason, tok.typhoon_notes, patches, time.time() - t0)
     return model, tok, rep
 
-# %% ../nbs/02_loader.ipynb #9197d627
-RECIPES = {
-    'tiny': dict(vocab_size=4096, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=8,
-                 num_key_value_heads=2, max_position_embeddings=512, sliding_window=256, rope_theta=10000.0,
-                 lines=12000, tok_lines=12000, seq_len=128, batch_size=16, steps=120, lr=3e-3, seed=0),
-    'micro': dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=1, max_position_embeddings=256, sliding_window=128, rope_theta=10000.0,
-                  lines=1500, tok_lines=1500, seq_len=64, batch_size=8, steps=8, lr=2e-3, seed=0),
-}
-SPECIAL_TOKENS = ['<|endoftext|>', '<|pad|>', '<|im_start|>', '<|im_end|>']
-
-# %% ../nbs/02_loader.ipynb #7e9d44be
-_THAI_ONLY = re.compile(r'^[\u0e01-\u0e4e]+( [\u0e01-\u0e4e]+)*$')  # Thai letters and marks, no Thai digits
-
-def general_thai_text(n_lines:int, seed:int=0) -> list[str]:
-    "`n_lines` lines of general Thai text (no digits, nothing about numbers), the same every call: plain sentences, phrases taken up again later in the line, and short chat exchanges whose reply repeats what was said (so the base learns to copy from its context)."
-    from pythainlp.corpus import thai_words, thai_wikipedia_titles, thai_female_names, thai_male_names
-    words = sorted(w for w in thai_words() if _THAI_ONLY.match(w) and ' ' not in w)
-    titles = sorted(t for t in thai_wikipedia_titles() if _THAI_ONLY.match(t))
-    names = sorted(n for n in set(thai_female_names()) | set(thai_male_names()) if _THAI_ONLY.match(n))
-    rng = random.Random(seed)
-    common = words[:]; rng.shuffle(common); common = common[:3000]  # a working vocabulary: Zipf-like reuse
-    def sentence():
-        k = rng.randint(3, 8)
-        ws = [rng.choice(common) if rng.random() < 0.7 else rng.choice(words) for _ in range(k)]
-        if rng.random() < 0.3: ws.insert(0, rng.choice(names))
-        if rng.random() < 0.3: ws.append(rng.choice(titles))
-        return ''.join(ws)
-    def line():
-        r = rng.random()
-        if r < 0.3:  # a phrase taken up again later in the line, as real text does with names and terms
-            s = sentence(); return f"{s} {rng.choice(_REPEAT_CUES)} {s}"
-        if r < 0.5:  # a short exchange in the chat format: the reply repeats what was said
-            s = sentence()
-            return f"<|im_start|>user\n{rng.choice(_ECHO_ASKS)} {s}<|im_end|>\n<|im_start|>assistant\n{s}<|im_end|>"
-        return ' '.join(sentence() for _ in range(rng.randint(1, 3)))
-    return [line() for _ in range(n_lines)]
-
-_REPEAT_CUES = ['ย้ำว่า', 'คือ', 'หรือที่เรียกว่า', 'อีกครั้ง']  # "stressed", "that is", "also called", "once more"
-_ECHO_ASKS = ['พูดตาม', 'ทวนคำว่า', 'เขียนซ้ำ']  # "say after me", "repeat the words", "write again"
-
-def _number_text(n:int=1500) -> list[str]:
-    "Digits and Thai number words, for the tokenizer only (the base model never trains on them)."
-    from pythainlp.util import num_to_thaiword, arabic_digit_to_thai_digit
-    out = []
-    for i in range(n):
-        v = i if i < 1000 else (i * 7919) % 10_000_000
-        out.append(f"{v} {arabic_digit_to_thai_digit(str(v))} {num_to_thaiword(v)}")
-    return out + ['<|im_start|>system\n<|im_start|>user\n<|im_start|>assistant\n'] * 200
-
-# %% ../nbs/02_loader.ipynb #dfa703c9
-def train_tokenizer(lines, vocab_size:int):
-    "A byte-level BPE tokenizer (the `tokenizers` library) trained on `lines`, with the chat special tokens."
-    from tokenizers import Tokenizer, models, trainers, pre_tokenizers, decoders, Regex
-    tok = Tokenizer(models.BPE())
-    # Thai runs (letters + combining marks) stay whole, spaces attach to the next run of letters; each digit is its own
-    # piece and never takes the space before it, so a number is the same digit tokens wherever it stands
-    split = pre_tokenizers.Split(Regex(r" ?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+|\s+"), behavior='isolated')
-    tok.pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    tr = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(lines, tr)
-    return tok
-
-# %% ../nbs/02_loader.ipynb #8f095ad1
-def _pack(tok, lines, seq_len):
-    "Token blocks of `seq_len` from `lines`, documents separated by eos."
-    import torch
-    eos = tok.convert_tokens_to_ids('<|endoftext|>')
-    ids = []
-    for e in tok(lines, add_special_tokens=False)['input_ids']: ids += e + [eos]
-    n = len(ids) // seq_len
-    return torch.tensor(ids[:n * seq_len]).view(n, seq_len)
-
-def _pretrain(model, blocks, r, workdir, bf16):
-    "Pretrain `model` on `blocks` with HF Trainer; return (first loss, last loss)."
-    import torch
-    from transformers import Trainer, TrainingArguments
-    class DS(torch.utils.data.Dataset):
-        def __len__(self): return len(blocks)
-        def __getitem__(self, i): return {'input_ids': blocks[i], 'labels': blocks[i]}
-    args = TrainingArguments(output_dir=str(workdir), max_steps=r['steps'], per_device_train_batch_size=r['batch_size'],
-                             learning_rate=r['lr'], lr_scheduler_type='cosine', warmup_steps=max(1, r['steps'] // 20),
-                             weight_decay=0.01, max_grad_norm=1.0, seed=r['seed'], data_seed=r['seed'], bf16=bf16,
-                             use_cpu=True, logging_steps=max(1, r['steps'] // 10), save_strategy='no', report_to=[],
-                             disable_tqdm=True, dataloader_num_workers=0)
-    from transformers.trainer_callback import PrinterCallback
-    tr = Trainer(model=model, args=args, train_dataset=DS())
-    tr.remove_callback(PrinterCallback)  # keep notebooks free of training logs
-    tr.train()
-    losses = [h['loss'] for h in tr.state.log_history if 'loss' in h]
-    return (losses[0], losses[-1]) if losses else (None, None)
-
-# %% ../nbs/02_loader.ipynb #b4a7ac86
-def recipe_key(variant:str) -> str:
-    "Hash of the recipe, the code that builds it (read at import) and the package version: the cache key."
-    from typhoon_nb import __version__
-    blob = json.dumps({'recipe': RECIPES[variant], 'code': _BUILD_CODE, 'chat': CHAT_TEMPLATE, 'version': __version__}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-def cache_root(cache_dir=None) -> Path:
-    "The cache folder: `cache_dir`, else $TYPHOON_NB_CACHE, else ~/.cache/typhoon-nb."
-    return Path(cache_dir or os.environ.get('TYPHOON_NB_CACHE') or Path.home() / '.cache' / 'typhoon-nb').expanduser()
-
-# %% ../nbs/02_loader.ipynb #6011412d
-def _build(variant, out:Path):
-    "Build the `variant` model folder into `out` (deterministic: seeded, 2 threads, fixed recipe)."
-    import torch
-    from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast, GenerationConfig
-    r = RECIPES[variant]
-    lines = general_thai_text(r['lines'], seed=r['seed'])
-    btok = train_tokenizer(lines[:r['tok_lines']] + _number_text(), r['vocab_size'])
-    tok = PreTrainedTokenizerFast(tokenizer_object=btok, eos_token='<|endoftext|>', pad_token='<|pad|>',
-                                  additional_special_tokens=['<|im_start|>', '<|im_end|>'], chat_template=CHAT_TEMPLATE,
-                                  model_max_length=r['max_position_embeddings'])
-    ids = {t: btok.token_to_id(t) for t in SPECIAL_TOKENS}
-    conf = MistralConfig(vocab_size=btok.get_vocab_size(), hidden_size=r['hidden_size'], intermediate_size=r['intermediate_size'],
-                         num_hidden_layers=r['num_hidden_layers'], num_attention_heads=r['num_attention_heads'],
-                         num_key_value_heads=r['num_key_value_heads'], max_position_embeddings=r['max_position_embeddings'],
-                         sliding_window=r['sliding_window'], rope_theta=r['rope_theta'], hidden_act='silu', rms_norm_eps=1e-5,
-                         tie_word_embeddings=False, bos_token_id=ids['<|endoftext|>'], eos_token_id=ids['<|endoftext|>'],
-                         pad_token_id=ids['<|pad|>'])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        torch.manual_seed(r['seed'])
-        model = MistralForCausalLM(conf)
-        bf16 = False  # measured: bf16 autocast was not faster than fp32 on an AVX512-BF16 CPU without AMX
-        with tempfile.TemporaryDirectory() as wd: first, last = _pretrain(model, _pack(tok, lines, r['seq_len']), r, wd, bf16)
-    finally: torch.set_num_threads(threads)
-    model.generation_config = GenerationConfig(eos_token_id=[ids['<|endoftext|>'], ids['<|im_end|>']], pad_token_id=ids['<|pad|>'],
-                                               bos_token_id=ids['<|endoftext|>'])
-    from transformers.utils import logging as tlog
-    tlog.disable_progress_bar()
-    try: model.save_pretrained(out); tok.save_pretrained(out)
-    finally: tlog.enable_progress_bar()
-    (out / 'typhoon_build.json').write_text(json.dumps({'variant': variant, 'key': recipe_key(variant), 'recipe': r,
-        'pretrain_loss_first': first, 'pretrain_loss_last': last, 'bf16_autocast': bf16}, indent=1, sort_keys=True))
-
 # %% ../nbs/02_loader.ipynb #9f502a18
-import inspect
-# the build code's text, read once at import (reading it later could see a file edited since)
-_BUILD_CODE = ''.join(inspect.getsource(f) for f in (general_thai_text, _number_text, train_tokenizer, _pack, _pretrain, _build))
+_TINY_NAMES = ('RECIPES', 'SPECIAL_TOKENS', 'general_thai_text', 'train_tokenizer', 'recipe_key', 'cache_root',
+               'tiny_typhoon', 'induction_score')
 
-def tiny_typhoon(variant:str='tiny', # tiny (a few million parameters) | micro (under 1M, for tests)
-                 cache_dir=None) -> Path: # None: $TYPHOON_NB_CACHE or ~/.cache/typhoon-nb
-    "The folder of the embedded tiny Typhoon, built and cached on first use."
-    if variant not in RECIPES: raise LoaderError(f"tiny_typhoon: variant must be one of {', '.join(RECIPES)}, got {variant!r}")
-    root = cache_root(cache_dir)
-    dest = root / f"{variant}-typhoon-{recipe_key(variant)}"
-    if (dest / 'config.json').exists(): return dest
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{dest.name}.lock", 'w') as lk:
-        fcntl.flock(lk, fcntl.LOCK_EX)  # one build at a time; the others wait and reuse it
-        if (dest / 'config.json').exists(): return dest
-        t0 = time.time()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=root))
-        try:
-            _build(variant, tmp)
-            os.chmod(tmp, 0o755)
-            os.replace(tmp, dest)
-        finally: shutil.rmtree(tmp, ignore_errors=True)
-        log.warning(f"built {variant}-typhoon in {time.time() - t0:.0f} s: {dest}")
-    return dest
+def __getattr__(name):
+    "The tiny Typhoon's names, importable from `loader` as before (they live in `typhoon_nb.tiny`, imported on first use)."
+    if name in _TINY_NAMES:
+        from typhoon_nb import tiny
+        return getattr(tiny, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
