@@ -23,9 +23,16 @@ def micro(micro_builds): return micro_builds[0]
 def test_micro_is_deterministic(micro_builds):
     a, b = micro_builds
     assert a != b and a.name == b.name
+    timed = ('typhoon_build.json', 'training_log.jsonl')  # these record the seconds a build took
     ha, hb = _hashes(a), _hashes(b)
-    assert {'config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json'} <= set(ha)
+    assert {'config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json', *timed} <= set(ha)
+    ha, hb = {k: v for k, v in ha.items() if k not in timed}, {k: v for k, v in hb.items() if k not in timed}
     assert ha == hb, {k: (ha[k][:8], hb.get(k, '')[:8]) for k in ha if ha[k] != hb.get(k)}
+    untimed = lambda d: {k: v for k, v in d.items() if k != 'seconds'}
+    for f in timed:
+        la, lb = ([untimed(json.loads(l)) for l in (x / f).read_text().splitlines() if l.strip().startswith('{')] if f.endswith('l')
+                  else [untimed(json.loads((x / f).read_text()))] for x in (a, b))
+        assert la == lb, f
 
 def test_cache_hit_and_env_var(micro, monkeypatch):
     monkeypatch.setenv('TYPHOON_NB_CACHE', str(micro.parent))
