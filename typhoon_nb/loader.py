@@ -347,6 +347,11 @@ class LoadReport:
         return '\n'.join(f"{k:<{w}}  {v}" for k, v in self.rows())
 
 # %% ../nbs/02_loader.ipynb #f9b2f4f2
+def _shown(path) -> str:
+    "A path as reports show it: under the home folder as `~/...` (a report or notebook carries no user's folder)."
+    p, home = str(path), str(Path.home())
+    return '~' + p[len(home):] if p == home or p.startswith(home + os.sep) else p
+
 def make_report(model, cfg:RunConfig, source, dtype, reason, notes=(), patches=(), seconds=0.0) -> LoadReport:
     "Measure `model` into a `LoadReport`."
     n, by = model_bytes(model)
@@ -357,7 +362,7 @@ def make_report(model, cfg:RunConfig, source, dtype, reason, notes=(), patches=(
         ln, lw, lb = max(ql, key=lambda t: t[1])
         largest = f"{ln}: {lw:,} weights in {lb:,} bytes = {8 * lb / lw:.3f} bits/param"
     dev = str(next(model.parameters()).device)
-    return LoadReport(model=cfg.model, source=str(source), architecture=type(model).__name__, parameters=n,
+    return LoadReport(model=cfg.model, source=_shown(source), architecture=type(model).__name__, parameters=n,
                       bytes_by_dtype=by, device=dev, precision=str(dtype).replace('torch.', ''), precision_reason=reason,
                       quantization=cfg.quantization, quantized_layers=len(ql), bits_per_param=bits, largest_layer=largest,
                       patches=list(patches), tokenizer=list(notes), seconds=seconds)
