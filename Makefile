@@ -10,7 +10,7 @@ PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 # nbdev_test workers; notebooks train small models, two at once suit two cores
 NB_WORKERS ?= 2
 
-.PHONY: demo test install install-dev browser-deps sync-check nbtest pytest readme docs bench
+.PHONY: demo test install install-dev browser-deps sync-check nbtest pytest readme docs bench base
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,11 @@ nbtest: install-dev
 # -rs: every skipped test and its reason in the closing summary
 pytest: install-dev
 	$(BIN)/python -m pytest tests -q -rs --durations=10
+
+## Rebuild the embedded tiny Typhoon from its recipe and ship it to typhoon_nb/assets/ (on a GPU where there is one:
+## minutes there, hours on 2 CPU cores); make test then checks the new files against their recorded hashes
+base: install
+	$(BIN)/python -c "from typhoon_nb.tiny import tiny_typhoon, ship; ship(tiny_typhoon(rebuild=True))"
 
 readme: install-dev
 	$(BIN)/python -c "from typhoon_nb.docs import make_readme; make_readme()"
