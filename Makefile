@@ -47,10 +47,10 @@ browser-deps: $(BROWSER_JS)
 	@if [ -x "$${TYPHOON_NB_CHROMIUM:-/usr/bin/chromium}" ]; then :; \
 	elif ! command -v apt-get >/dev/null 2>&1; then echo "make test: Chromium not found, the browser tests will be skipped (install Chromium, or set TYPHOON_NB_CHROMIUM to its path)"; \
 	elif [ "$$(id -u)" = 0 ]; then echo "make test: installing Chromium for the browser tests (apt-get)"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-thai-tlwg >/dev/null) \
 	  || echo "make test: Chromium could not be installed, the browser tests will be skipped (apt-get install -y --no-install-recommends chromium)"; \
 	elif sudo -n true 2>/dev/null; then echo "make test: installing Chromium for the browser tests (sudo apt-get)"; \
-	  (sudo -n apt-get update -qq && sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
+	  (sudo -n apt-get update -qq && sudo -n env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-thai-tlwg >/dev/null) \
 	  || echo "make test: Chromium could not be installed, the browser tests will be skipped (sudo apt-get install -y --no-install-recommends chromium)"; \
 	else echo "make test: Chromium not found, the browser tests will be skipped; to run them: sudo apt-get install -y --no-install-recommends chromium"; fi
 

@@ -1,6 +1,7 @@
 """The panels in a real browser: papermill executes tests/browser/panel_demo.ipynb (the widget state is saved in the
 notebook), nbconvert exports it with local copies of the widget scripts, headless Chromium opens it and Playwright
-checks what a person would see: the toggles show their values, the progress bar reached 100%, the loss plot is drawn.
+checks what a person would see: the toggles show their values, the progress bar reached 100%, the loss plot is drawn,
+the chat panel shows two columns answering the same message.
 
 Needs Debian's `chromium`, the Python `playwright` package (no browser download: it drives /usr/bin/chromium) and
 the npm packages of tests/browser/package.json (`npm ci --prefix tests/browser`). Screenshots go to
@@ -125,4 +126,13 @@ def test_panels_in_chromium(exported, chromium_page):
     assert cmp_plot['line'] > 100, cmp_plot
     page.locator('.widget-vbox', has=page.locator('.widget-select-multiple')).first.screenshot(
         path=str(ARTIFACTS / 'compare_panel.png'))
+    # ChatPanel: two columns (base, final), each with the message and the answer the model streamed into it
+    cols = page.locator('.chat-column')
+    assert cols.count() == 2, cols.count()
+    heads = [cols.nth(i).locator('h4').inner_text().strip() for i in range(2)]
+    assert heads == ['base', 'final'], heads
+    for i, name in enumerate(heads):
+        t = cols.nth(i).inner_text()
+        assert 'you: สวัสดี' in t and f'{name}:' in t.split('you: สวัสดี', 1)[1], t
+    page.locator('.widget-vbox', has=page.locator('.chat-column')).last.screenshot(path=str(ARTIFACTS / 'chat_panel.png'))
     assert not errors, errors
