@@ -7,8 +7,12 @@ BIN := $(VENV)/bin
 # disk; a bare `torch` pulls a multi-GB CUDA build). On a GPU machine: make demo TORCH_SPEC="torch>=2.4"
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/python -m pip -q --disable-pip-version-check
-# nbdev_test workers; notebooks train small models, two at once suit two cores
+# nbdev_test workers and pytest workers (pytest-xdist, one test file per worker); each runs torch on TEST_THREADS
+# threads, so that the workers together use the cores once (the models in tests are small: one thread each is faster
+# than two workers fighting over two threads each)
 NB_WORKERS ?= 2
+PYTEST_WORKERS ?= 2
+TEST_THREADS ?= 1
 
 .PHONY: demo test install install-dev browser-deps sync-check nbtest pytest readme docs bench base
 
@@ -65,11 +69,11 @@ sync-check: install-dev
 	echo "sync-check: notebooks clean, typhoon_nb/ matches nbs/"
 
 nbtest: install-dev
-	$(BIN)/nbdev_test --n_workers $(NB_WORKERS)
+	OMP_NUM_THREADS=$(TEST_THREADS) $(BIN)/nbdev_test --n_workers $(NB_WORKERS)
 
 # -rs: every skipped test and its reason in the closing summary
 pytest: install-dev
-	$(BIN)/python -m pytest tests -q -rs --durations=10
+	OMP_NUM_THREADS=$(TEST_THREADS) $(BIN)/python -m pytest tests -q -rs --durations=10 -n $(PYTEST_WORKERS) --dist loadfile
 
 ## Rebuild the embedded tiny Typhoon from its recipe and ship it to typhoon_nb/assets/ (on a GPU where there is one:
 ## minutes there, hours on 2 CPU cores); make test then checks the new files against their recorded hashes
