@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NBS = ROOT / 'nbs'
 SITE = ROOT / 'tests' / 'artifacts' / 'docs' / 'site'
 SECTIONS = ['Get started', 'Tutorials', 'Techniques', 'API', 'Benchmarks']
-TUTORIALS = ['quickstart', 'qlora_thai_data', 'pretrain_sft_dpo', 'architecture_patches', 'jobs_and_sweeps']
+TUTORIALS = ['quickstart', 'qlora_thai_data', 'typhoon7b_colab', 'pretrain_sft_dpo', 'architecture_patches', 'jobs_and_sweeps']
 TECHNIQUES = ['peft', 'qlora', 'multi_stage', 'dpo', 'linear_attention', 'moe', 'gqa', 'refinements']
 
 

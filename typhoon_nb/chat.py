@@ -106,12 +106,13 @@ def stream_answer(model, tok, messages:list[dict], # the history: [{role, conten
     "The assistant's answer to `messages`, yielded piece by piece as it is generated."
     import torch
     from transformers import TextIteratorStreamer
+    from typhoon_nb.evaluate import eval_mode
     ids = chat_input_ids(model, tok, messages, max_new_tokens)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True, timeout=600)
     err = []
     def work():
         try:
-            with torch.no_grad():
+            with eval_mode(model):  # no grad; an MoE model's router logits off
                 model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                                **_gen_kwargs(tok, max_new_tokens, temperature, top_p, stop))
         except BaseException as e: err.append(e); streamer.end()

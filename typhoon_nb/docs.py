@@ -14,7 +14,7 @@ __all__ = ['notebook_markdown', 'make_readme']
 def _src(cell): return ''.join(cell['source']) if isinstance(cell['source'], list) else cell['source']
 
 def notebook_markdown(nb_path) -> str:
-    "Markdown for notebook `nb_path`: markdown cells, code cells fenced, text outputs fenced (no `#|` option lines)."
+    "Markdown for notebook `nb_path`: markdown cells, code cells fenced (not with `echo: false`), text outputs fenced (no `#|` option lines)."
     nb = json.loads(Path(nb_path).read_text(encoding='utf-8'))
     parts = []
     for c in nb['cells']:
@@ -24,7 +24,7 @@ def notebook_markdown(nb_path) -> str:
             lines = [l for l in src.splitlines() if not l.startswith('#|')]
             opts = [l for l in src.splitlines() if l.startswith('#|')]
             if any('hide' in o or 'include: false' in o for o in opts): continue
-            if lines: parts.append('```python\n' + '\n'.join(lines).strip() + '\n```')
+            if lines and not any('echo: false' in o for o in opts): parts.append('```python\n' + '\n'.join(lines).strip() + '\n```')
             for o in c.get('outputs', []):
                 txt = o.get('text') or o.get('data', {}).get('text/plain')
                 if txt: parts.append('```\n' + (''.join(txt) if isinstance(txt, list) else txt).rstrip() + '\n```')

@@ -15,12 +15,17 @@ __all__ = ['eval_mode', 'perplexity', 'generate_answers', 'exact_match', 'style_
 # %% ../nbs/05_evaluate.ipynb #92426e1d
 @contextlib.contextmanager
 def eval_mode(model):
-    "Eval mode and no grad inside; the previous training mode restored after."
+    """Eval mode and no grad inside; the previous training mode restored after. An MoE model's router logits are off
+    inside (the load-balancing loss is a training term: computed during cached generation with padding, transformers'
+    Mixtral code fails on the attention mask of the whole sequence against the router logits of the new token)."""
     was = model.training
+    confs = [c for c in {id(m.config): m.config for m in model.modules() if getattr(getattr(m, 'config', None), 'output_router_logits', False)}.values()]
     model.eval()
+    for c in confs: c.output_router_logits = False
     try:
         with torch.no_grad(): yield model
     finally:
+        for c in confs: c.output_router_logits = True
         if was: model.train()
 
 def _device(model): return next(model.parameters()).device

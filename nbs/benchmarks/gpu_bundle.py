@@ -13,7 +13,8 @@ numpy, pandas, pyarrow, fsspec, xxhash, psutil, pyyaml, jinja2 and tqdm, and an 
           bitsandbytes==0.50.2 transformers==5.24.0 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 peft==0.21.2
   (pythainlp, tokenizers and huggingface_hub stay behind: the bundle brings what pythainlp would build, and the machine's
   own tokenizers / huggingface_hub satisfy transformers). The bitsandbytes wheel (41 MiB) carries a native library for
-  every CUDA / ROCm / XPU release; `--slim_bnb` rewrites it with the CPU and CUDA 13.x libraries only (7 MiB; the
+  every CUDA / ROCm / XPU release; the bundle rewrites it with the CPU and CUDA 13.x libraries only (7 MiB, the
+  default since the repository carries the tiny Typhoon's weights: with the whole wheel it passes 64 MiB; `--full_bnb` keeps it whole; the
   machine's torch is a CUDA 13.0 build, and bitsandbytes picks the closest library of the same CUDA major version);
 - `tokenizer/`: the tiny Typhoon's tokenizer after `prepare_tokenizer`, exactly as `gpu_perf.tokenizer()` returns it,
   saved with `save_pretrained` (checked: the saved copy gives the same ids, pad / EOS tokens and chat template);
@@ -174,7 +175,7 @@ def tracked_bytes(root:Path=ROOT) -> int:
     return sum((root / f).stat().st_size for f in names if f and (root / f).is_file())
 
 def make_bundle(dest:Path=ROOT / '.gpu', wheels_from:Path=ROOT / '.whl', wheels:bool=True, download:bool=False,
-                slim_bnb:bool=False) -> dict:
+                slim_bnb:bool=True) -> dict:
     "Write the bundle into `dest` (see the module docstring); return what `bundle.json` records."
     dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
     info = {'wheels': [w.name for w in copy_wheels(dest / 'wheels', Path(wheels_from), download, slim_bnb)] if wheels else [],
@@ -193,12 +194,12 @@ def main(argv=None):
     ap.add_argument('--wheels_from', default=str(ROOT / '.whl'), help='folder holding the downloaded wheels')
     ap.add_argument('--no_wheels', action='store_true', help='tokenizer, data and run.sh only')
     ap.add_argument('--download', action='store_true', help='pip download the wheels missing from --wheels_from')
-    ap.add_argument('--slim_bnb', action='store_true', help=f"bitsandbytes with the {', '.join(SLIM_KEEP)} native libraries only")
+    ap.add_argument('--full_bnb', action='store_true', help=f"bitsandbytes with every native library (default: the {', '.join(SLIM_KEEP)} ones only)")
     a = ap.parse_args(argv)
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     dest = Path(a.dest).resolve()
     if dest == (ROOT / '.gpu').resolve() and exclude_in_git(): print('added /.gpu/ to .git/info/exclude')
-    info = make_bundle(dest, Path(a.wheels_from), not a.no_wheels, a.download, a.slim_bnb)
+    info = make_bundle(dest, Path(a.wheels_from), not a.no_wheels, a.download, not a.full_bnb)
     repo = tracked_bytes()
     print(f"{dest}: {info['total_bytes'] / 2**20:.1f} MiB ({', '.join(f'{k} {v / 2**20:.1f} MiB' for k, v in info['bytes'].items())}); "
           f"with the repository's tracked files ({repo / 2**20:.1f} MiB): {(info['total_bytes'] + repo) / 2**20:.1f} MiB carried")
