@@ -83,3 +83,12 @@ def test_cli_prompt_and_compare(tmp_path):
     assert cp.stdout.strip().splitlines()[0].rstrip() == f"base> {want['base'][0]}".rstrip()
     cp = _cli(rd, '--stage', 'dpo', '--prompt', 'x')
     assert cp.returncode == 2 and "no stage 'dpo'; available: base, sft, final" in cp.stderr
+
+def test_report_table_answers_the_recorded_prompts(tmp_path):
+    "The report's table: the recorded held-out prompts of the SFT stage, answered by the base and the SFT stage."
+    from typhoon_nb.chat import report_answers, chat_prompts
+    rd = _run(tmp_path, 'r')
+    prompts, after = _last_samples(rd)
+    assert chat_prompts(rd) == prompts
+    t = report_answers(rd)
+    assert list(t.columns) == ['prompt', 'base', 'sft'] and list(t['prompt']) == prompts and list(t['sft']) == after

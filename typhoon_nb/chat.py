@@ -11,7 +11,7 @@ from .config import RunConfig
 
 # %% auto #0
 __all__ = ['ChatError', 'run_stages', 'finished_stages', 'load_run', 'chat_input_ids', 'stream_answer', 'answer',
-           'compare_answers', 'ChatPanel', 'chat_cli']
+           'compare_answers', 'chat_prompts', 'report_answers', 'ChatPanel', 'chat_cli']
 
 # %% ../nbs/09_chat.ipynb #52f96359
 class ChatError(ValueError):
@@ -140,6 +140,21 @@ def compare_answers(run_dir, prompts:list[str], # user messages, one row each
         cols[name] = generate_answers(model, tok, [[{'role': 'user', 'content': p}] for p in prompts], max_new_tokens=max_new_tokens)
         del model; gc.collect()
     return pd.DataFrame({'prompt': prompts} | cols)
+
+# %% ../nbs/09_chat.ipynb #6c896e82
+def chat_prompts(run_dir, n:int=4) -> list[str]:
+    "Up to `n` held-out prompts of the run's chat stages (SFT, DPO), as its manifest recorded them with their samples."
+    cfg, _ = run_stages(run_dir)
+    kinds = {s.stage_name: s.kind for s in cfg.stages}
+    man, out = json.loads((Path(run_dir) / 'manifest.json').read_text()), []
+    for name, st in man.get('stages', {}).items():
+        if kinds.get(name) in ('sft', 'dpo'): out += [s['prompt'] for s in st.get('samples', []) if s['prompt'] not in out]
+    return out[:n]
+
+def report_answers(run_dir, n:int=4, max_new_tokens:int=24):
+    "The run report's table: the base and each finished stage answering `chat_prompts` (None where the run has no chat stage)."
+    prompts = chat_prompts(run_dir, n)
+    return compare_answers(run_dir, prompts, max_new_tokens=max_new_tokens) if prompts else None
 
 # %% ../nbs/09_chat.ipynb #002095cf
 import ipywidgets as widgets

@@ -70,7 +70,9 @@ def job_notebook() -> dict:
              "`typhoon-nb train`, which also copies the executed notebook into the run folder as `report.ipynb`.")
     cells = [cell(0, 'markdown', title), cell(1, 'code', _SETUP), cell(2, 'code', parameters_source(), ['parameters']),
              cell(3, 'code', "cfg = job_config(globals(), _names_before_parameters)\nprint(cfg.to_flags() or 'the demo defaults')"),
-             cell(4, 'code', "#| notest\nresult = run_job(cfg)")]
+             cell(4, 'code', "#| notest\nresult = run_job(cfg)"),
+             cell(5, 'code', "#| notest\n# the base and each finished stage answering a few held-out prompts (more: typhoon-nb chat RUN)\n"
+                             "from typhoon_nb.chat import report_answers\nreport_answers(result.run_dir) if result.status == 'done' else None")]
     meta = {'kernelspec': {'display_name': 'python3', 'language': 'python', 'name': 'python3'}}
     return {'cells': cells, 'metadata': meta, 'nbformat': 4, 'nbformat_minor': 5}
 
