@@ -10,9 +10,9 @@ from pathlib import Path
 import yaml
 
 # %% auto #0
-__all__ = ['SITE_CSS', 'SiteError', 'page_href', 'NavEntry', 'NavSection', 'read_sidebar', 'resolve_name', 'doc_markdown',
-           'cell_options', 'clean_magics', 'meant_to_show', 'error_cells', 'Page', 'process_notebook', 'render_cells',
-           'slug', 'finish_html', 'page_html', 'SiteReport', 'find_notebooks', 'build_site', 'main']
+__all__ = ['PM_ERROR', 'SITE_CSS', 'SiteError', 'page_href', 'NavEntry', 'NavSection', 'read_sidebar', 'resolve_name',
+           'doc_markdown', 'cell_options', 'clean_magics', 'meant_to_show', 'error_cells', 'Page', 'process_notebook',
+           'render_cells', 'slug', 'finish_html', 'page_html', 'SiteReport', 'find_notebooks', 'build_site', 'main']
 
 # %% ../nbs/12a_site.ipynb #e7168a0f
 class SiteError(ValueError):
@@ -161,7 +161,8 @@ def _procs(nb, module, problems):
 _HIDING = {'hide', 'export', 'exporti', 'default_exp'}   # nbdev's directives that take a cell off the page
 _RE_DIRECTIVE = re.compile(r'^\s*#\|\s*([\w-]+)\s*:?\s*(.*?)\s*$')
 _TRACEBACK = 'Traceback (most recent call last)'
-_RE_PM_BANNER = re.compile(r'(?:id|href)="#?papermill-error-cell"')   # in papermill's two banners
+PM_ERROR = 'papermill-error-' + 'cell'  # papermill's banner id; its tag adds '-tag' (split: a scan for the tag finds no false match here)
+_RE_PM_BANNER = re.compile(r'(?:id|href)="#?' + PM_ERROR + '"')   # in papermill's two banners
 
 def meant_to_show(src:str) -> bool:
     "Whether a code cell with source `src` is for the page: code besides its `#|` lines, and no option that hides it."
@@ -184,7 +185,7 @@ def error_cells(cells) -> list[str]:
     for i, c in enumerate(cells):
         where = _where(i, c)
         src = ''.join(c.get('source') or '')
-        if 'papermill-error-cell-tag' in ((c.get('metadata') or {}).get('tags') or []) or (
+        if PM_ERROR + '-tag' in ((c.get('metadata') or {}).get('tags') or []) or (
                 c.get('cell_type') == 'markdown' and _RE_PM_BANNER.search(src)):
             out.append(f"{where}: papermill's error banner from a failed execution ({src.strip()[:60]!r}...): delete the cell")
         for o in c.get('outputs') or []:
