@@ -6,21 +6,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / 'nbs' / 'benchmarks'
 
-def execute(tmp_path, name, **params):
-    "Run benchmark notebook `name` with `params` in a temporary folder; return its JSON record."
-    import papermill as pm
-    out = tmp_path / f'{name}.json'
-    env = {'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1'}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        pm.execute_notebook(str(BENCH / f'{name}.ipynb'), str(tmp_path / f'{name}.ipynb'), cwd=str(tmp_path), kernel_name='python3',
-                            parameters=params | {'out_json': str(out)}, progress_bar=False)
-    finally:
-        for k, v in old.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
-    return json.loads(out.read_text())
+from conftest import execute_bench as execute
 
 @pytest.fixture(scope='module')
 def gqa(tmp_path_factory):

@@ -14,9 +14,9 @@ from .config import RunConfig, StageConfig, ConfigError, GROUPS, field_help, _un
 # %% auto #0
 __all__ = ['DEMO_STAGES', 'JobError', 'JobFailed', 'parameters_source', 'job_notebook', 'write_job_notebook', 'job_config',
            'check_data_paths', 'read_mapping', 'job_parameters', 'launch_command', 'result_from_folder', 'launch',
-           'quiet_dependency_warnings', 'run_job', 'worker', 'JobProgress', 'execute_job', 'run_metrics', 'list_runs',
-           'markdown_table', 'compare_runs', 'compare_markdown', 'load_grid', 'sweep', 'plot_sweep', 'plan_command',
-           'params_text', 'main']
+           'quiet_dependency_warnings', 'run_job', 'report_table', 'worker', 'JobProgress', 'execute_job',
+           'run_metrics', 'list_runs', 'markdown_table', 'compare_runs', 'compare_markdown', 'load_grid', 'sweep',
+           'plot_sweep', 'plan_command', 'params_text', 'main']
 
 # %% ../nbs/07_jobs.ipynb #41eabc62
 class JobError(ValueError):
@@ -72,7 +72,7 @@ def job_notebook() -> dict:
              cell(3, 'code', "cfg = job_config(globals(), _names_before_parameters)\nprint(cfg.to_flags() or 'the demo defaults')"),
              cell(4, 'code', "#| notest\nresult = run_job(cfg)"),
              cell(5, 'code', "#| notest\n# the base and each finished stage answering a few held-out prompts (more: typhoon-nb chat RUN)\n"
-                             "from typhoon_nb.chat import report_answers\nreport_answers(result.run_dir) if result.status == 'done' else None")]
+                             "from typhoon_nb.jobs import report_table\nreport_table(result)")]
     meta = {'kernelspec': {'display_name': 'python3', 'language': 'python', 'name': 'python3'}}
     return {'cells': cells, 'metadata': meta, 'nbformat': 4, 'nbformat_minor': 5}
 
@@ -186,6 +186,16 @@ def run_job(cfg:RunConfig, progress:bool=False):
     display(Markdown(res._repr_markdown_()))
     for png in sorted((Path(res.run_dir) / 'plots').glob('*.png')): display(Image(filename=str(png)))
     return res
+
+def report_table(res):
+    """The job report's last table: the base and each finished stage answering a few held-out prompts
+    (`typhoon_nb.chat.report_answers`; None for a run that did not finish), dependencies' warnings kept out as in `run_job`."""
+    import warnings
+    from .chat import report_answers
+    if res.status != 'done': return None
+    with warnings.catch_warnings():
+        quiet_dependency_warnings()
+        return report_answers(res.run_dir)
 
 def worker(cfg_path) -> None:
     "Entry point of each launched process: `run(cfg)` on the config file."
