@@ -1,29 +1,16 @@
 "The linear-attention benchmark notebook, executed by papermill with its smoke parameters (micro model, short lengths): the record it writes."
-import json, math, os
+import json, math
 from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-NB = ROOT / 'nbs' / 'benchmarks' / 'linear_attention_bench.ipynb'
 SMOKE = dict(variant='micro', n_layers=1, lengths=[128, 256, 512], contexts=[64, 256], decode_tokens=2, repeats=1,
              chunk_size=32, n_eval=16, n_train=200, transfer_steps=3, lora_steps=2)
 
 @pytest.fixture(scope='module')
 def res(tmp_path_factory):
-    import papermill as pm
-    d = tmp_path_factory.mktemp('linear_attention_bench')
-    out = d / 'linear_attention.json'
-    env = {'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1'}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        pm.execute_notebook(str(NB), str(d / 'linear_attention_bench.ipynb'), cwd=str(d), kernel_name='python3',
-                            parameters=SMOKE | {'out_json': str(out)}, progress_bar=False)
-    finally:
-        for k, v in old.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
-    return json.loads(out.read_text())
+    from conftest import execute_bench
+    return execute_bench(tmp_path_factory.mktemp('linear_attention_bench'), 'linear_attention_bench', **SMOKE)
 
 def test_every_training_case_is_timed(res):
     cases = {(r['attention'], r['seq_len']): r for r in res['training']}
