@@ -198,27 +198,34 @@ def test_bundle_contents(bundle):
     run = (d / 'run.sh').read_text()
     assert b.PIP_INSTALL in run and 'export PYTHONPATH=/tmp/site:$PWD' in run and 'nvidia-smi' in run
     assert 'gpu_perf.py --no_install --tokenizer .gpu/tokenizer --data_dir .gpu "$@"' in run and 'pip show' in run
+    assert '[ $# -eq 0 ] && set -- --suite side_by_side' in run  # no arguments: the side-by-side suite
+    assert b.PIP_INSTALL_UNSLOTH in run and 'export GPU_PERF_UNSLOTH_PYTHONPATH=/tmp/site_unsloth:$PWD' in run
+    assert all(f'.gpu/wheels/{n}-*.whl' in b.PIP_INSTALL_UNSLOTH for n in ('bitsandbytes', 'peft', 'dill', 'multiprocess'))
     assert subprocess.run(['bash', '-n', str(d / 'run.sh')]).returncode == 0 and os.access(d / 'run.sh', os.X_OK)
 
 def _wheels_here():
-    "The repository's .whl folder with the bundle's wheels, downloaded from PyPI (pip download) where missing."
+    "The repository's .whl folder with the bundle's wheels (Unsloth's too), downloaded from PyPI (pip download) where missing."
     import gpu_bundle as b, tempfile
     src = b.ROOT / '.whl'
-    if any(b.find_wheel(src, n, v) is None for n, v in b.WHEELS.items()):
-        try:
-            with tempfile.TemporaryDirectory() as td: b.copy_wheels(Path(td), src, download=True)
-        except (subprocess.CalledProcessError, FileNotFoundError) as e: pytest.skip(f'{src}: the wheels could not be downloaded ({e})')
+    for table in (b.WHEELS, b.UNSLOTH_WHEELS):
+        if any(b.find_wheel(src, n, v) is None for n, v in table.items()):
+            try:
+                with tempfile.TemporaryDirectory() as td: b.copy_wheels(Path(td), src, download=True, table=table)
+            except (subprocess.CalledProcessError, FileNotFoundError) as e: pytest.skip(f'{src}: the wheels could not be downloaded ({e})')
     return src
 
 def test_bundle_wheels(bundle, tmp_path):
-    """The 7 wheels and nothing else (pythainlp, tokenizers, huggingface_hub stay behind); as the bundle makes them (bitsandbytes
-    slimmed), with the repository under 60 MiB."""
+    """The 7 wheels and nothing else (pythainlp, tokenizers, huggingface_hub stay behind), and Unsloth's 5 in wheels/unsloth;
+    as the bundle makes them (bitsandbytes and unsloth slimmed), with the repository under 60 MiB."""
     import gpu_bundle as b
     ws = b.copy_wheels(tmp_path / 'wheels', _wheels_here(), slim_bnb=True)
     names = sorted(w.name.split('-')[0] for w in ws)
     assert names == sorted(b.WHEELS) == ['bitsandbytes', 'datasets', 'dill', 'multiprocess', 'peft', 'transformers', 'trl']
     assert all(f"-{b.WHEELS[w.name.split('-')[0]]}-" in w.name for w in ws)
     assert sorted(p.name for p in (tmp_path / 'wheels').iterdir()) == sorted(w.name for w in ws)
+    ws = b.copy_wheels(tmp_path / 'wheels' / 'unsloth', _wheels_here(), table=b.UNSLOTH_WHEELS)  # Unsloth's, as make_bundle puts them
+    assert sorted(w.name.split('-')[0] for w in ws) == sorted(b.UNSLOTH_WHEELS) == ['cut_cross_entropy', 'datasets', 'trl', 'unsloth', 'unsloth_zoo']
+    assert all(f"-{b.UNSLOTH_WHEELS[w.name.split('-')[0]]}-" in w.name for w in ws)
     total = b.tree_bytes(tmp_path / 'wheels') + bundle[1]['total_bytes'] + b.tracked_bytes()  # + tokenizer, data, run.sh; the repository
     assert total < 60 * 2**20, f'{total / 2**20:.1f} MiB carried: over what a device call carries'
 
@@ -304,14 +311,21 @@ def test_results_written_after_each_path(tmp_path, monkeypatch):
     assert res['complete'] is False and [r['path'] for r in res['runs']] == ['ours'] and res['tokens_per_s']['ours'] > 0
 
 def test_a_failing_path_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
-    "An error in one path (out of memory, say) is written as that run's `error`; the other path's numbers stay."
+    """An out-of-memory error in one path is written as that run's `fits: false` with the error's first line; another
+    error as `failed`; the other path's numbers stay."""
     import gpu_perf as g
     out = tmp_path / 'r.json'
-    _failing(g, monkeypatch, 'ours', RuntimeError('CUDA out of memory'))
+    _failing(g, monkeypatch, 'ours', RuntimeError('CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail'))
     _tiny_main(g, out)
     res = json.loads(out.read_text())
-    assert res['complete'] is True and res['runs'][0] == {'path': 'ours', 'error': 'RuntimeError: CUDA out of memory'}
+    assert res['complete'] is True and res['runs'][0] == {'path': 'ours', 'memory_cap_gb': None, 'kind': 'sft', 'status': 'oom', 'fits': False,
+                                                          'error': 'RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB'}
     assert list(res['tokens_per_s']) == ['trl'] and 'ratio' not in res
+    assert [(r['path'], r['status'], r['fits']) for r in res['table']] == [('ours', 'oom', False), ('trl', 'ok', True)]
+    _failing(g, monkeypatch, 'trl', ValueError('bad settings'))
+    _tiny_main(g, out, '--paths', 'trl')
+    assert json.loads(out.read_text())['runs'][0] == {'path': 'trl', 'memory_cap_gb': None, 'kind': 'sft', 'status': 'failed', 'fits': None,
+                                                           'error': 'ValueError: bad settings'}
 
 def test_out_defaults_under_OUT(monkeypatch, tmp_path):
     import gpu_perf as g

@@ -1,10 +1,19 @@
 """Prepare `.gpu/`: everything `gpu_perf.py` needs on a GPU machine that has no network.
 
-    python nbs/benchmarks/gpu_bundle.py          # writes .gpu/ in the repository root (ignored through .git/info/exclude)
-    bash .gpu/run.sh                             # on the GPU machine, from the repository root, with .gpu/ next to it
+    python nbs/benchmarks/gpu_bundle.py --download   # writes .gpu/ in the repository root (ignored through .git/info/exclude)
+    bash .gpu/run.sh                                 # on the GPU machine, from the repository root, with .gpu/ next to it
+
+`bash .gpu/run.sh` with no arguments runs the side-by-side suite (`gpu_perf.py --suite side_by_side`: ours, plain TRL
+and Unsloth at Typhoon-7B's shape, uncapped and under 24 / 16 GiB caps, with the longest context per cap; about 9
+minutes on one H200 as estimated in gpu_perf.py), writing `$OUT/gpu_perf.json` and the log `$OUT/gpu_run.log`; with arguments it
+runs `gpu_perf.py` with those instead (`bash .gpu/run.sh --paths ours,trl --repeats 2`: the earlier two-path check). The
+one command to give the GPU machine, from the repository root with `.gpu/` beside the working tree (the two together
+about 42 MiB, under the 64 MiB a device call carries; `main` prints the total):
+
+    bash .gpu/run.sh
 
 The GPU machine is assumed to have Python 3.12, torch (CUDA), accelerate, huggingface_hub, tokenizers, safetensors,
-numpy, pandas, pyarrow, fsspec, xxhash, psutil, pyyaml, jinja2 and tqdm, and an older transformers. `.gpu/` holds:
+numpy, pandas, pyarrow, fsspec, xxhash, psutil, pyyaml, jinja2, tqdm, triton and its own transformers. `.gpu/` holds:
 
 - `wheels/`: the packages it lacks (or has too old), installed there with `--no-deps` into /tmp/site:
   bitsandbytes, transformers, trl, datasets, dill, multiprocess, peft at the versions in `WHEELS`, copied from `.whl/`
@@ -14,15 +23,28 @@ numpy, pandas, pyarrow, fsspec, xxhash, psutil, pyyaml, jinja2 and tqdm, and an 
   (pythainlp, tokenizers and huggingface_hub stay behind: the bundle brings what pythainlp would build, and the machine's
   own tokenizers / huggingface_hub satisfy transformers). The bitsandbytes wheel (41 MiB) carries a native library for
   every CUDA / ROCm / XPU release; the bundle rewrites it with the CPU and CUDA 13.x libraries only (7 MiB, the
-  default since the repository carries the tiny Typhoon's weights: with the whole wheel it passes 64 MiB; `--full_bnb` keeps it whole; the
-  machine's torch is a CUDA 13.0 build, and bitsandbytes picks the closest library of the same CUDA major version);
+  default since the repository carries the tiny Typhoon's weights: with the whole wheel it passes 64 MiB; `--full_bnb`
+  keeps it whole; the machine's torch is a CUDA 13.0 build, and bitsandbytes picks the closest library of the same CUDA
+  major version);
+- `wheels/unsloth/`: Unsloth and what it needs beyond the machine (`UNSLOTH_WHEELS`), installed with the shared
+  `UNSLOTH_SHARED` wheels of `wheels/` into /tmp/site_unsloth, the PYTHONPATH of gpu_perf's Unsloth process
+  (`GPU_PERF_UNSLOTH_PYTHONPATH`): unsloth and unsloth_zoo 2026.10.9, and the TRL (1.15.0) and datasets (4.8.5)
+  releases they declare (`trl<=1.15.0`, `datasets<5`); transformers is the machine's own (5.17.0 when last seen, the
+  newest Unsloth declares: `transformers<=5.17.0`). The unsloth wheel (27 MiB) is mostly Unsloth Studio, a web app the
+  library never imports: `slim_wheel` drops `studio/` and `unsloth_cli/` (1.9 MiB left); Unsloth's wheels come to
+  6 MiB. Left out, each checked by importing Unsloth's GPU code path with it hidden (`UNSLOTH_ALLOW_CPU=1` on a CPU,
+  transformers 5.17.0): xformers (a compiled wheel tied to one torch release; Unsloth uses torch's SDPA without it),
+  torchao (quantization-aware training and torchao exports only), diffusers, tyro, msgspec, hf_transfer, pydantic,
+  structlog, json5, nest_asyncio (Studio, vLLM, downloads). cut_cross_entropy is in (22 kB), though Unsloth turns it
+  off on torch 2.8 and later;
 - `tokenizer/`: the tiny Typhoon's tokenizer after `prepare_tokenizer`, exactly as `gpu_perf.tokenizer()` returns it,
   saved with `save_pretrained` (checked: the saved copy gives the same ids, pad / EOS tokens and chat template);
 - `sft.jsonl`, `dpo.jsonl`: the demo curriculum's training records as the data layer gives them (prompt / completion,
   prompt / chosen / rejected; validated and normalised, not tokenized) for `gpu_perf.load_data`'s seed (checked: loading
   the file through the data layer, `StageConfig(data='sft.jsonl')`, gives the same records as `demo:sft`);
-- `run.sh`: installs the wheels, prints the versions and `nvidia-smi`, runs `gpu_perf.py --no_install --tokenizer
-  .gpu/tokenizer --data_dir .gpu` (plus its own arguments), so the run needs neither pythainlp nor the tiny Typhoon build;
+- `run.sh`: installs the wheels (Unsloth's into their own folder), prints the versions and `nvidia-smi`, runs
+  `gpu_perf.py --no_install --tokenizer .gpu/tokenizer --data_dir .gpu` with its own arguments, or `--suite side_by_side`
+  when it has none, so the run needs neither pythainlp nor the tiny Typhoon build;
 - `bundle.json`: what was written (files, bytes, records, checks).
 """
 from __future__ import annotations
@@ -34,7 +56,12 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 WHEELS = {'bitsandbytes': '0.50.2', 'transformers': '5.24.0', 'trl': '1.16.0', 'datasets': '5.2.0', 'dill': '0.4.1',
           'multiprocess': '0.70.19', 'peft': '0.21.2'}
+UNSLOTH_WHEELS = {'unsloth': '2026.10.9', 'unsloth_zoo': '2026.10.9', 'trl': '1.15.0', 'datasets': '4.8.5', 'cut_cross_entropy': '25.1.1'}
+UNSLOTH_SHARED = ('bitsandbytes', 'peft', 'dill', 'multiprocess')  # wheels of WHEELS installed into Unsloth's folder too
+SLIM_UNSLOTH = ('studio/', 'unsloth_cli/')  # Unsloth Studio (a web app) and its command line: not imported by the library
 PIP_INSTALL = 'python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl'
+PIP_INSTALL_UNSLOTH = ('python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_unsloth '
+                       '.gpu/wheels/unsloth/*.whl ' + ' '.join(f'.gpu/wheels/{n}-*.whl' for n in UNSLOTH_SHARED))
 
 def find_wheel(folder:Path, name:str, version:str) -> Path|None:
     "The wheel of `name`==`version` in `folder` (a Python 3.12 / manylinux x86_64 one where several exist), or None."
@@ -42,32 +69,34 @@ def find_wheel(folder:Path, name:str, version:str) -> Path|None:
     ok = [h for h in hits if any(t in h.name for t in ('py3-none', 'py312', 'cp312', 'abi3')) and ('any' in h.name or 'x86_64' in h.name)]
     return (ok or hits or [None])[0]
 
-def copy_wheels(dest:Path, src:Path=ROOT / '.whl', download:bool=False, slim_bnb:bool=False) -> list[Path]:
-    """Copy the `WHEELS` from `src` into `dest` (fetching missing ones into `src` with pip download when `download`;
-    bitsandbytes through `slim_wheel` when `slim_bnb`)."""
-    missing = [f'{n}=={v}' for n, v in WHEELS.items() if find_wheel(src, n, v) is None]
+def copy_wheels(dest:Path, src:Path=ROOT / '.whl', download:bool=False, slim_bnb:bool=False, table:dict|None=None) -> list[Path]:
+    """Copy the wheels of `table` (default `WHEELS`) from `src` into `dest` (fetching missing ones into `src` with pip
+    download when `download`); bitsandbytes through `slim_wheel` when `slim_bnb`, unsloth always without `SLIM_UNSLOTH`."""
+    table = WHEELS if table is None else table
+    missing = [f'{n}=={v}' for n, v in table.items() if find_wheel(src, n, v) is None]
     if missing and download:
         subprocess.run([sys.executable, '-m', 'pip', 'download', '--no-deps', '--only-binary=:all:', '--python-version', '3.12',
                         '--platform', 'manylinux_2_24_x86_64', '-d', str(src), *missing], check=True)
-        missing = [f'{n}=={v}' for n, v in WHEELS.items() if find_wheel(src, n, v) is None]
+        missing = [f'{n}=={v}' for n, v in table.items() if find_wheel(src, n, v) is None]
     if missing: raise FileNotFoundError(f"{src}: no wheel for {', '.join(missing)} (run with --download, or see the pip download command in {Path(__file__).name})")
     dest.mkdir(parents=True, exist_ok=True)
     for old in dest.glob('*.whl'): old.unlink()
     out = []
-    for n, v in WHEELS.items():
+    for n, v in table.items():
         w = find_wheel(src, n, v)
         if slim_bnb and n == 'bitsandbytes': out.append(slim_wheel(w, dest)); continue
+        if n == 'unsloth': out.append(slim_wheel(w, dest, drop=lambda name: name.startswith(SLIM_UNSLOTH))); continue
         shutil.copy2(w, dest / w.name); out.append(dest / w.name)
     return out
 
 SLIM_KEEP = ('cpu', 'cuda130', 'cuda132')  # native libraries kept by `slim_wheel`
 
-def slim_wheel(src:Path, dest:Path, keep=SLIM_KEEP) -> Path:
-    """Copy the bitsandbytes wheel `src` into the folder `dest` without the native libraries other than `keep`
-    (their RECORD lines go too, so pip installs it as usual); return the new wheel's path."""
+def slim_wheel(src:Path, dest:Path, keep=SLIM_KEEP, drop=None) -> Path:
+    """Copy the wheel `src` into the folder `dest` without the files `drop(name)` names (default: the bitsandbytes
+    native libraries other than `keep`); their RECORD lines go too, so pip installs it as usual. Return the new wheel's path."""
     import re, zipfile
     lib = re.compile(r'bitsandbytes/libbitsandbytes_(\w+?)\.(so|dll|dylib)$')
-    drop = lambda name: (m := lib.search(name)) is not None and m.group(1) not in keep
+    drop = drop or (lambda name: (m := lib.search(name)) is not None and m.group(1) not in keep)
     out = Path(dest) / Path(src).name
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(out, 'w', zipfile.ZIP_DEFLATED) as zout:
         for info in zin.infolist():
@@ -113,12 +142,13 @@ def write_data(dest:Path, seed:int|None=None) -> dict:
     return counts
 
 RUN_SH = r'''#!/usr/bin/env bash
-# Typhoon-7B-shape QLoRA check on one GPU without network: our SFT path against plain TRL defaults
-# (nbs/benchmarks/gpu_perf.py). Run from the repository root with .gpu/ in it:
-#   bash .gpu/run.sh                        # 7b shape, 4bit, lora, paths ours,trl
-#   bash .gpu/run.sh --steps 6 --repeats 2  # more gpu_perf.py options
-# Results: $OUT/gpu_perf.json where $OUT is set (else ./gpu_perf.json), rewritten after each path; the log goes to
-# $OUT/gpu_run.log too. Written by nbs/benchmarks/gpu_bundle.py.
+# Typhoon-7B-shape QLoRA checks on one GPU without network (nbs/benchmarks/gpu_perf.py). Run from the repository root
+# with .gpu/ in it:
+#   bash .gpu/run.sh                                    # the side-by-side suite: ours, plain TRL, Unsloth; SFT and DPO;
+#                                                       # uncapped, 24 and 16 GiB caps; longest context; < 9 minutes
+#   bash .gpu/run.sh --paths ours,trl --repeats 2       # gpu_perf.py with these options instead (7b, 4bit, lora, SFT)
+# Results: $OUT/gpu_perf.json where $OUT is set (else ./gpu_perf.json), rewritten after each measurement; the log goes
+# to $OUT/gpu_run.log too. Written by nbs/benchmarks/gpu_bundle.py.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -132,6 +162,17 @@ else  # no pip: a wheel is a zip of the installed files
   python3 -c "import sys, zipfile; [zipfile.ZipFile(w).extractall('/tmp/site') for w in sys.argv[1:]]" .gpu/wheels/*.whl || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD
+if [ -d .gpu/wheels/unsloth ]; then  # Unsloth with the TRL and datasets it supports, beside the machine's transformers
+  ts "installing $(ls .gpu/wheels/unsloth/*.whl | wc -l) + @N_SHARED@ wheels into /tmp/site_unsloth (Unsloth's process)"
+  if python3 -m pip --version >/dev/null 2>&1; then
+    @PIP_INSTALL_UNSLOTH@ || ts "Unsloth's install failed: its measurements will say why"
+  else
+    python3 -c "import sys, zipfile; [zipfile.ZipFile(w).extractall('/tmp/site_unsloth') for w in sys.argv[1:]]" .gpu/wheels/unsloth/*.whl @SHARED@
+  fi
+  export GPU_PERF_UNSLOTH_PYTHONPATH=/tmp/site_unsloth:$PWD
+  PYTHONPATH=$GPU_PERF_UNSLOTH_PYTHONPATH python3 -c "from importlib.metadata import version as v; print('Unsloth process:', ', '.join(f'{n} {v(n)}' for n in ('unsloth', 'unsloth_zoo', 'transformers', 'trl', 'datasets', 'peft', 'bitsandbytes')))" \
+    || ts "Unsloth's packages are incomplete"
+fi
 ts "installed"
 python3 -m pip show torch transformers trl peft bitsandbytes accelerate datasets tokenizers huggingface_hub safetensors pyarrow fsspec 2>/dev/null \
   | grep -E '^(Name|Version|Location):' | paste - - - | sed 's/\t/  /g'
@@ -142,12 +183,14 @@ if ! python3 -c "import transformers" 2>/tmp/transformers_import.err; then
   rm -rf /tmp/site/transformers /tmp/site/transformers-*.dist-info
 fi
 python3 -c "import torch, transformers, peft, trl, datasets, bitsandbytes as b; print('imports ok: torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available(), '| transformers', transformers.__version__, '| trl', trl.__version__, '| peft', peft.__version__, '| bitsandbytes', b.__version__)" || exit 1
-ts "gpu_perf.py starts"
+[ $# -eq 0 ] && set -- --suite side_by_side
+ts "gpu_perf.py starts: $*"
 python3 nbs/benchmarks/gpu_perf.py --no_install --tokenizer .gpu/tokenizer --data_dir .gpu "$@"
 rc=$?
 ts "gpu_perf.py finished (exit $rc)"
 exit $rc
-'''.replace('@PIP_INSTALL@', PIP_INSTALL)
+'''.replace('@PIP_INSTALL@', PIP_INSTALL).replace('@PIP_INSTALL_UNSLOTH@', PIP_INSTALL_UNSLOTH).replace(
+    '@SHARED@', ' '.join(f'.gpu/wheels/{n}-*.whl' for n in UNSLOTH_SHARED)).replace('@N_SHARED@', str(len(UNSLOTH_SHARED)))
 
 def write_run_sh(dest:Path) -> Path:
     p = dest / 'run.sh'
@@ -175,11 +218,14 @@ def tracked_bytes(root:Path=ROOT) -> int:
     return sum((root / f).stat().st_size for f in names if f and (root / f).is_file())
 
 def make_bundle(dest:Path=ROOT / '.gpu', wheels_from:Path=ROOT / '.whl', wheels:bool=True, download:bool=False,
-                slim_bnb:bool=True) -> dict:
+                slim_bnb:bool=True, unsloth:bool=True) -> dict:
     "Write the bundle into `dest` (see the module docstring); return what `bundle.json` records."
     dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
     info = {'wheels': [w.name for w in copy_wheels(dest / 'wheels', Path(wheels_from), download, slim_bnb)] if wheels else [],
             'slim_bnb': slim_bnb}
+    uw = dest / 'wheels' / 'unsloth'
+    if wheels and unsloth: info['unsloth_wheels'] = [w.name for w in copy_wheels(uw, Path(wheels_from), download, table=UNSLOTH_WHEELS)]
+    elif uw.exists(): shutil.rmtree(uw)  # an earlier bundle's: run.sh would install it
     info['tokenizer'] = save_tokenizer(dest / 'tokenizer')
     info['records'] = write_data(dest)
     write_run_sh(dest)
@@ -195,11 +241,12 @@ def main(argv=None):
     ap.add_argument('--no_wheels', action='store_true', help='tokenizer, data and run.sh only')
     ap.add_argument('--download', action='store_true', help='pip download the wheels missing from --wheels_from')
     ap.add_argument('--full_bnb', action='store_true', help=f"bitsandbytes with every native library (default: the {', '.join(SLIM_KEEP)} ones only)")
+    ap.add_argument('--no_unsloth', action='store_true', help="leave Unsloth's wheels out (its path is then recorded as not installed)")
     a = ap.parse_args(argv)
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     dest = Path(a.dest).resolve()
     if dest == (ROOT / '.gpu').resolve() and exclude_in_git(): print('added /.gpu/ to .git/info/exclude')
-    info = make_bundle(dest, Path(a.wheels_from), not a.no_wheels, a.download, not a.full_bnb)
+    info = make_bundle(dest, Path(a.wheels_from), not a.no_wheels, a.download, not a.full_bnb, not a.no_unsloth)
     repo = tracked_bytes()
     print(f"{dest}: {info['total_bytes'] / 2**20:.1f} MiB ({', '.join(f'{k} {v / 2**20:.1f} MiB' for k, v in info['bytes'].items())}); "
           f"with the repository's tracked files ({repo / 2**20:.1f} MiB): {(info['total_bytes'] + repo) / 2**20:.1f} MiB carried")
