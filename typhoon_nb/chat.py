@@ -20,7 +20,7 @@ class ChatError(ValueError):
 def run_stages(run_dir) -> tuple[RunConfig, dict]:
     """The run's config and, in order, `base`, each stage and `final` with their status (`done`, `failed`, `stopped`,
     `pending`, `missing`) and folder."""
-    from typhoon_nb.stages import stage_dir
+    from typhoon_nb.runfolder import stage_dir
     rd = Path(run_dir)
     if not (rd / 'config.yaml').is_file() or not (rd / 'manifest.json').is_file():
         raise ChatError(f"{rd}: not a run folder (no config.yaml and manifest.json); pass a folder that run(cfg) or "
@@ -58,7 +58,7 @@ def load_run(run_dir, # a run folder written by run(cfg) or `typhoon-nb train`
     from typhoon_nb.loader import load_model
     from typhoon_nb.adapters import load_adapter
     from typhoon_nb.patches.core import patch_model, patches_requested
-    from typhoon_nb.stages import load_full_weights, refuse_pickle_weights
+    from typhoon_nb.checkpoints import load_full_weights, refuse_pickle_weights
     cfg, stages = run_stages(run_dir)
     name = stage or 'final'
     if stages.get(name, {}).get('status') != 'done': raise _stage_error(run_dir, name, stages)

@@ -388,7 +388,7 @@ def _start(self, cfg:RunConfig|None=None) -> threading.Thread:
     if cfg.resume:
         self.run_dir = Path(cfg.resume)
         stages = RunConfig.from_yaml(self.run_dir / 'config.yaml').stages if (self.run_dir / 'config.yaml').is_file() else cfg.stages
-        from typhoon_nb.stages import read_metrics
+        from typhoon_nb.runfolder import read_metrics
         self.records = [r for r in read_metrics(self.run_dir) if 'loss' in r]
     else:
         if not cfg.run_name: cfg = dataclasses.replace(cfg, run_name=datetime.datetime.now().strftime('%Y%m%d-%H%M%S'))
