@@ -146,7 +146,7 @@ def launch_command(cfg_path, num_processes:int, script:Optional[str]=None) -> li
 
 def result_from_folder(run_dir):
     "A `RunResult` rebuilt from a run folder's manifest and config."
-    from .stages import RunResult, StageResult
+    from .runfolder import RunResult, StageResult
     rd = Path(run_dir)
     man = json.loads((rd / 'manifest.json').read_text(encoding='utf-8'))
     summ = json.loads((rd / 'summary.json').read_text(encoding='utf-8')) if (rd / 'summary.json').exists() else {}
@@ -532,7 +532,7 @@ def _rerun(src) -> RunConfig:
     if not (rd / 'config.yaml').is_file(): raise JobError(f"rerun: {rd} is not a run folder (no config.yaml)")
     cfg = RunConfig.from_yaml(rd / 'config.yaml')
     man, now = _read_json(rd / 'manifest.json'), None
-    from .stages import _versions
+    from .runfolder import _versions
     now = _versions()
     for k, v in man.get('versions', {}).items():
         if now.get(k) != v: print(f"note: {k} was {v} for {rd.name}, now {now.get(k)}", file=sys.stderr)
