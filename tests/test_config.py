@@ -113,8 +113,12 @@ def test_import_is_light(mod):
 # --- README is generated from nbs/index.ipynb ------------------------------------------------------------------
 def test_readme_matches_index():
     from typhoon_nb.docs import notebook_markdown
-    assert (ROOT / 'README.md').read_text(encoding='utf-8') == notebook_markdown(ROOT / 'nbs' / 'index.ipynb'), \
+    images = {}
+    assert (ROOT / 'README.md').read_text(encoding='utf-8') == notebook_markdown(ROOT / 'nbs' / 'index.ipynb', images), \
         'README.md is out of date: run `make readme`'
+    for name, png in images.items():  # the figures the README shows are the notebook's, on disk
+        f = ROOT / 'nbs' / 'images' / name
+        assert f.is_file() and f.read_bytes() == png, f'{f} is missing or stale: run `make readme`'
     readme = (ROOT / 'README.md').read_text()
     assert 'make demo' in readme and 'make test' in readme
 

@@ -13,11 +13,15 @@ __all__ = ['notebook_markdown', 'make_readme']
 # %% ../nbs/12_docs.ipynb #3acac577
 def _src(cell): return ''.join(cell['source']) if isinstance(cell['source'], list) else cell['source']
 
-def notebook_markdown(nb_path) -> str:
-    "Markdown for notebook `nb_path`: markdown cells, code cells fenced (not with `echo: false`), text outputs fenced (no `#|` option lines)."
-    nb = json.loads(Path(nb_path).read_text(encoding='utf-8'))
+def notebook_markdown(nb_path, images:dict|None=None, image_link:str='nbs/images/') -> str:
+    """Markdown for notebook `nb_path`: markdown cells, code cells fenced (not with `echo: false`), text outputs fenced (no
+    `#|` option lines), figures (PNG outputs) as images linked under `image_link`; `images` (if given) receives their
+    file name -> PNG bytes."""
+    import base64
+    nb_path = Path(nb_path)
+    nb = json.loads(nb_path.read_text(encoding='utf-8'))
     parts = []
-    for c in nb['cells']:
+    for i, c in enumerate(nb['cells']):
         src = _src(c).strip()
         if c['cell_type'] == 'markdown': parts.append(src)
         elif c['cell_type'] == 'code':
@@ -25,13 +29,21 @@ def notebook_markdown(nb_path) -> str:
             opts = [l for l in src.splitlines() if l.startswith('#|')]
             if any('hide' in o or 'include: false' in o for o in opts): continue
             if lines and not any('echo: false' in o for o in opts): parts.append('```python\n' + '\n'.join(lines).strip() + '\n```')
-            for o in c.get('outputs', []):
+            for k, o in enumerate(c.get('outputs', [])):
+                png = o.get('data', {}).get('image/png')
+                if png:
+                    name = f"{nb_path.stem}-{c.get('id') or i}{'' if k == 0 else f'-{k}'}.png"
+                    if images is not None: images[name] = base64.b64decode(''.join(png) if isinstance(png, list) else png)
+                    parts.append(f"![a figure of {nb_path.name}]({image_link}{name})")
+                    continue
                 txt = o.get('text') or o.get('data', {}).get('text/plain')
                 if txt: parts.append('```\n' + (''.join(txt) if isinstance(txt, list) else txt).rstrip() + '\n```')
     return '\n\n'.join(p for p in parts if p) + '\n'
 
 def make_readme(nbs='nbs', dest='README.md') -> str:
-    "Write README.md from `nbs/index.ipynb`; return its text."
-    txt = notebook_markdown(Path(nbs)/'index.ipynb')
+    "Write README.md from `nbs/index.ipynb` (its figures to `nbs/images/`); return its text."
+    images = {}
+    txt = notebook_markdown(Path(nbs)/'index.ipynb', images, image_link=f"{Path(nbs).as_posix()}/images/")
+    for name, data in images.items(): (Path(nbs)/'images'/name).write_bytes(data)
     Path(dest).write_text(txt, encoding='utf-8')
     return txt
