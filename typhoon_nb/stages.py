@@ -121,10 +121,10 @@ def _restored(name:str, kind:str, m:dict) -> StageResult:
     return r
 
 # %% ../nbs/06_stages.ipynb #bb1015d0
-def start_run(cfg:RunConfig, progress:bool=True, verbose:bool=True, t0:Optional[float]=None) -> RunState:
+def start_run(cfg:RunConfig, progress:bool=True, verbose:bool=True) -> RunState:
     "Step 0: validate `cfg`, prepare the run folder (or find the run to resume), seed; each stage's result so far."
     import transformers
-    t0 = time.time() if t0 is None else t0
+    t0 = time.time()
     cfg = cfg.validate()
     if not progress:
         import datasets; datasets.disable_progress_bars()
@@ -287,7 +287,7 @@ def fail_run(st:RunState, e:BaseException):
 # %% ../nbs/06_stages.ipynb #af6c56ee
 def run(cfg:RunConfig, progress:bool=True, listener:Optional[Callable]=None, stop_event=None, verbose:bool=True) -> RunResult:
     "Run every stage of `cfg` and write the run folder; the one entry point of every front."
-    st = start_run(cfg, progress, verbose, time.time())  # 0. config, run folder, seed, what a resumed run finished
+    st = start_run(cfg, progress, verbose)  # 0. config, run folder, seed, what a resumed run finished
     try:
         plan_run(st)                                      # 1. memory plan: checkpointing, micro-batch, or a refusal
         tokenizer, datas = load_run_data(st)              # 2. data first: fail fast
