@@ -8,14 +8,15 @@ import copy, json, types, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+from .compat import find_cache, forward_cache_name, peft_cache_name, prepare_kbit, set_checkpointing
 from .config import ConfigError, RunConfig
 
 # %% auto #0
 __all__ = ['PEFT_METHODS', 'MARKER', 'quantization_of', 'trainable_parts', 'AdapterReport', 'adapter_report',
            'linear_module_names', 'check_peft_settings', 'lora_config', 'fused_experts', 'prefix_config', 'apply_peft',
-           'fix_prefix_generation', 'adapter_method', 'save_adapter', 'match_saved_dtypes', 'load_adapter',
-           'merge_and_save', 'frozen_reference', 'embedding_module_names', 'set_embedding_training', 'FastDropout',
-           'fast_lora_dropout', 'skip_input_casts', 'fast_lora_cpu']
+           'prefix_generation_needs_fix', 'fix_prefix_generation', 'adapter_method', 'save_adapter',
+           'match_saved_dtypes', 'load_adapter', 'merge_and_save', 'frozen_reference', 'embedding_module_names',
+           'set_embedding_training', 'FastDropout', 'fast_lora_dropout', 'skip_input_casts', 'fast_lora_cpu']
 
 # %% ../nbs/03_adapters.ipynb #e27bb162
 PEFT_METHODS = ('lora', 'prefix', 'both', 'full')
@@ -148,17 +149,16 @@ def _unfreeze_lora(model):
 
 def apply_peft(model, cfg:RunConfig, train_embeddings:bool=False):
     "Add the adapters `cfg.peft_method` asks for; return the model to train and its `AdapterReport`."
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
     check_peft_settings(cfg)
     m, q, notes = cfg.peft_method, quantization_of(model), []
     if hasattr(model, 'peft_config'): raise ValueError("apply_peft: the model already carries adapters; pass the base model (or use load_adapter)")
     if m == 'full' and q: _fail(f"peft_method: full training needs a full-precision base, but the model is quantized ({q}) (load it with quantization: none, or use lora)")
-    gc_kw = {'use_reentrant': False}
     if q:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing is True, gradient_checkpointing_kwargs=gc_kw)
+        model = prepare_kbit(model, checkpointing=cfg.gradient_checkpointing is True)
         notes.append(f"{q} base prepared for k-bit training (base frozen, unquantized weights in fp32)")
     elif cfg.gradient_checkpointing is True:  # auto: run(cfg) decides it from the memory plan; unresolved it is off
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kw)
+        set_checkpointing(model, True)
         if m != 'full': model.enable_input_require_grads()
     if cfg.gradient_checkpointing is True: notes.append('gradient checkpointing on')
     if train_embeddings and m not in ('lora', 'full'):
@@ -181,8 +181,8 @@ def _prefix_prepare_inputs(self, *args, **kwargs):
     import torch
     inputs = self.base_model_prepare_inputs_for_generation(*args, **kwargs)
     P = self.active_peft_config.num_virtual_tokens
-    key = 'past_key_values' if 'past_key_values' in inputs and 'cache' not in inputs else 'cache'
-    cache, ids = inputs.get(key), inputs.get('input_ids')
+    key, cache = find_cache(inputs, default=forward_cache_name(self))
+    ids = inputs.get('input_ids')
     if cache is None or cache.get_seq_length() == 0:  # first step: the prefix goes into the (empty) cache
         prompt = self.get_prompt(batch_size=(ids if ids is not None else inputs['inputs_embeds']).shape[0])
         if cache is None: cache = prompt
@@ -198,9 +198,17 @@ def _has_prefix(model) -> bool:
     from peft import PeftModel
     return isinstance(model, PeftModel) and model.active_peft_config.is_prompt_learning
 
+def prefix_generation_needs_fix(model) -> bool:
+    "Whether PEFT's own generation puts the prefix under another cache name than `model`'s forward takes (PEFT < 0.22 on transformers >= 5.24)."
+    return peft_cache_name() != forward_cache_name(model)
+
+def _patch_prefix_generation(model):
+    model.prepare_inputs_for_generation = types.MethodType(_prefix_prepare_inputs, model)
+    return model
+
 def fix_prefix_generation(model):
-    "Make `generate` of a prefix-tuned `PeftModel` decode exactly like its forward (transformers 5 cache API)."
-    if _has_prefix(model): model.prepare_inputs_for_generation = types.MethodType(_prefix_prepare_inputs, model)
+    "Make `generate` of a prefix-tuned `PeftModel` decode exactly like its forward, where PEFT's own generation does not."
+    if _has_prefix(model) and prefix_generation_needs_fix(model): _patch_prefix_generation(model)
     return model
 
 # %% ../nbs/03_adapters.ipynb #0c8ca712

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import argparse, json, platform, resource, sys, time
 from pathlib import Path
+from .compat import prepare_kbit
 from .loader import quantization_config, quantize_in_place, make_report, resolve_precision
 from .config import RunConfig
 
@@ -26,7 +27,7 @@ def gpu_check(shape:str='7b', # 7b (Typhoon-7B's shape) | small
     "Build, quantize (NF4 + double quant), add LoRA, train a few steps; return the measurements."
     import torch
     from transformers import MistralConfig, MistralForCausalLM
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, get_peft_model
     dev = 'cuda' if torch.cuda.is_available() else 'cpu'
     cuda = dev == 'cuda'
     dtype, why = resolve_precision('auto', dev)
@@ -46,7 +47,7 @@ def gpu_check(shape:str='7b', # 7b (Typhoon-7B's shape) | small
     if cuda: torch.cuda.synchronize(); torch.cuda.empty_cache()
     t_quant = time.time() - t0
     rep = make_report(model, RunConfig(model=f'random {shape}', quantization='4bit'), 'random init', dtype, why)
-    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={'use_reentrant': False})
+    model = prepare_kbit(model, checkpointing=True)
     model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules='all-linear', task_type='CAUSAL_LM'))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -335,14 +335,6 @@ def first_line(e:BaseException) -> str:
     msg = str(e).strip().splitlines()
     return f"{type(e).__name__}: {msg[0][:300] if msg else ''}".rstrip(': ')
 
-def _set_checkpointing(model, on:bool):
-    "Turn gradient checkpointing of a (PEFT-wrapped) model on or off (non-reentrant, as `apply_peft` sets it)."
-    m = model.get_base_model() if hasattr(model, 'get_base_model') else model
-    if hasattr(m, 'activation_checkpointing_enable'):  # transformers >= 5.2x; gradient_checkpointing_* are deprecated there
-        if on: m.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False})
-        elif m.is_activation_checkpointing: m.activation_checkpointing_disable()
-    elif on: m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
-    elif m.is_gradient_checkpointing: m.gradient_checkpointing_disable()
 
 # --- data -----------------------------------------------------------------------------------------------------------------
 
@@ -457,7 +449,8 @@ def ours_trainer(kind:str, shape:str, quantization:str, peft:str, steps:int, bat
     if model is None:
         model = ours_model(shape, quantization, peft, dev, tok, precision, **{k: v for k, v in overrides.items() if k != 'gradient_checkpointing'},
                            gradient_checkpointing=cfg.gradient_checkpointing is True)
-    _set_checkpointing(model, cfg.gradient_checkpointing is True)
+    from typhoon_nb.compat import set_checkpointing
+    set_checkpointing(model, cfg.gradient_checkpointing is True)
     say(f"ours: building the {kind} trainer")
     unknown = set(off) - {'row_packing', 'fast_lora'}
     if unknown: raise ValueError(f"off: unknown speed-up(s) {sorted(unknown)}; known: row_packing, fast_lora")

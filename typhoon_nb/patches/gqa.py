@@ -6,6 +6,7 @@
 from __future__ import annotations
 import torch
 from torch import nn
+from ..compat import find_cache
 from .core import PatchReport, count_params, config_kv_bytes_per_token, kv_bytes_per_token
 
 # %% auto #0
@@ -111,6 +112,6 @@ def measured_kv_bytes_per_token(model, input_ids:torch.Tensor, max_new_tokens:in
     with torch.no_grad():
         out = model.generate(input_ids, max_new_tokens=max_new_tokens, do_sample=False, min_new_tokens=max_new_tokens,
                              return_dict_in_generate=True, pad_token_id=0)
-    cache = out['cache'] if 'cache' in out else out['past_key_values']
+    cache = find_cache(out)[1]
     total = sum(l.keys.nbytes + l.values.nbytes for l in cache.layers)
     return total / (input_ids.shape[0] * cache.get_seq_length())

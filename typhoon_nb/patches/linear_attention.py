@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, MistralConfig, MistralForCausalLM
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
+from ..compat import find_cache, forward_cache_name, pop_cache
 from .core import PatchReport, count_params, config_kv_bytes_per_token, kv_bytes_per_token
 
 # %% auto #0
@@ -203,10 +204,11 @@ class LinearAttention(nn.Module):
         return batch_size * n * bytes_per_value
 
 # %% ../../nbs/10c_patches_linear_attention.ipynb #9498918f
-def _la_forward(self:LinearAttention, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+def _la_forward(self:LinearAttention, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+    cache = pop_cache(kwargs)
     if self.mode in ('softmax', 'teacher'):
         out = self.original(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
-                            cache=cache, **kwargs)
+                            **{forward_cache_name(self.original): cache}, **kwargs)
         if self.mode == 'teacher':  # keep this layer's input and the original output for attention transfer
             self._captured = (hidden_states.detach(), tuple(t.detach() for t in position_embeddings), out[0].detach())
         return out
@@ -302,17 +304,17 @@ class _LinearAttentionModelMixin:
     "Creates a LinearAttentionCache where transformers would create a DynamicCache."
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         out = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        c = model_kwargs.get('cache')
+        name, c = find_cache(model_kwargs, default=forward_cache_name(super().forward))
         if generation_config.use_cache is not False and not isinstance(c, LinearAttentionCache) and \
            not getattr(c, '_is_user_defined', False):
-            model_kwargs['cache'] = LinearAttentionCache(self)
+            model_kwargs[name] = LinearAttentionCache(self)
         return out
 
-    def forward(self, *args, cache=None, use_cache=None, **kwargs):
-        if cache is None: cache = kwargs.pop('past_key_values', None)
+    def forward(self, *args, use_cache=None, **kwargs):
+        cache = pop_cache(kwargs)  # under the name of this transformers release, or the older one
         if cache is None and (use_cache if use_cache is not None else self.config.use_cache):
             cache = LinearAttentionCache(self)
-        return super().forward(*args, cache=cache, use_cache=use_cache, **kwargs)
+        return super().forward(*args, use_cache=use_cache, **{forward_cache_name(super().forward): cache}, **kwargs)
 
 class TyphoonLinearMistralConfig(MistralConfig):
     "MistralConfig of a model whose attention was converted by `apply_linear_attention`."
