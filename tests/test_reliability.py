@@ -446,8 +446,8 @@ def test_job_parameters_are_injected_as_plain_literals(value, tmp_path):
     assert any(p.startswith('lora_r: expected int, got str') for p in ei.value.problems)
     assert not list(tmp_path.glob('PWNED')) and not Path('PWNED').exists()
 
-_GUARD = '''
-import os, socket
+_GUARD = """
+import importlib.abc, os, socket, sys
 _log = os.environ['NET_ATTEMPTS']
 def _refuse(self, address, *a, **k):
     if self.family in (socket.AF_INET, socket.AF_INET6):
@@ -457,25 +457,73 @@ def _refuse(self, address, *a, **k):
 _connect = socket.socket.connect
 socket.socket.connect = _refuse
 socket.socket.connect_ex = lambda self, address: _refuse(self, address)
-'''
+
+# Every CPU takes bitsandbytes' AVX512-BF16 branch, the one that asks the hub for a kernel when bitsandbytes is
+# imported: its CPU feature check answers yes, and says in BF16_ASKED that it was asked.
+class _Bf16Yes(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != 'bitsandbytes.functional': return None
+        import importlib.machinery
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        inner = spec.loader
+        class _L(importlib.abc.Loader):
+            def create_module(self, s): return inner.create_module(s)
+            def exec_module(self, m):
+                inner.exec_module(m)
+                def has_avx512bf16():
+                    with open(os.environ['BF16_ASKED'], 'a') as f: f.write('asked\\n')
+                    return True
+                m.has_avx512bf16 = has_avx512bf16
+        spec.loader = _L()
+        return spec
+sys.meta_path.insert(0, _Bf16Yes())
+"""
+
+def _guarded(tmp_path) -> tuple[dict, Path, Path]:
+    "Environment of a subprocess with every TCP connect refused and logged, the hub at an unreachable address, offline mode off."
+    (tmp_path / 'guard').mkdir(exist_ok=True); (tmp_path / 'guard' / 'sitecustomize.py').write_text(_GUARD)
+    attempts, asked = tmp_path / 'attempts.log', tmp_path / 'bf16_asked.log'
+    env = {k: v for k, v in os.environ.items() if k not in ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE', 'HF_DATASETS_OFFLINE', 'TYPHOON_NB_HUB_KERNELS')}
+    env |= {'HF_ENDPOINT': 'http://127.0.0.1:9', 'NET_ATTEMPTS': str(attempts), 'BF16_ASKED': str(asked), 'OMP_NUM_THREADS': '1',
+            'PYTHONPATH': os.pathsep.join([str(tmp_path / 'guard'), str(ROOT)])}
+    return env, attempts, asked
+
+def _no_attempt(p, attempts, asked):
+    "The subprocess passed, tried no connection, took the bf16 branch of bitsandbytes, and printed no notice of the hub."
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert not attempts.exists() or attempts.read_text() == '', attempts.read_text()
+    assert asked.exists() and 'asked' in asked.read_text()  # bitsandbytes asked its CPU feature check: the branch ran
+    out = p.stdout + p.stderr
+    for notice in ('publisher trust', 'kernels-community', 'gemm_4bit_forward'): assert notice not in out, out[-3000:]
 
 def test_no_network_is_needed_or_attempted(data, tmp_path):
-    "A micro run end to end with the hub pointed at an unreachable address, offline mode off, and every TCP connect refused."
-    (tmp_path / 'guard').mkdir(); (tmp_path / 'guard' / 'sitecustomize.py').write_text(_GUARD)
-    attempts = tmp_path / 'attempts.log'
-    env = {k: v for k, v in os.environ.items() if k not in ('HF_HUB_OFFLINE', 'TRANSFORMERS_OFFLINE', 'HF_DATASETS_OFFLINE')}
-    env |= {'HF_ENDPOINT': 'http://127.0.0.1:9', 'NET_ATTEMPTS': str(attempts), 'OMP_NUM_THREADS': '1',
-            'PYTHONPATH': os.pathsep.join([str(tmp_path / 'guard'), str(ROOT)])}
-    cfg = micro(tmp_path / 'runs', 'offline', stages(data, steps=(2, 2, 2)))
-    code = textwrap.dedent(f'''
+    "A micro run end to end (4-bit base), then `typhoon-nb chat` on it, with every TCP connect refused: no attempt, no hub notice."
+    env, attempts, asked = _guarded(tmp_path)
+    cfg = micro(tmp_path / 'runs', 'offline', stages(data, steps=(2, 2, 2)), quantization='4bit', precision='auto')
+    code = textwrap.dedent(f"""
         import socket; assert socket.socket.connect.__name__ == '_refuse'  # the guard is installed
         from typhoon_nb.config import RunConfig
         from typhoon_nb.stages import run
         res = run(RunConfig.from_dict({cfg!r}), progress=False, verbose=False)
         print('status', res.status)
-    ''')
+    """)
     p = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
+    _no_attempt(p, attempts, asked)
     assert 'status done' in p.stdout
-    assert not attempts.exists() or attempts.read_text() == '', attempts.read_text()
     assert json.loads((tmp_path / 'runs' / 'offline' / 'summary.json').read_text())['status'] == 'done'
+    asked.unlink()
+    p = subprocess.run([sys.executable, '-m', 'typhoon_nb.jobs', 'chat', str(tmp_path / 'runs' / 'offline'), '--prompt', 'สวัสดี',
+                        '--max_new_tokens', '4'], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    _no_attempt(p, attempts, asked)
+    assert p.stdout.startswith('final> '), p.stdout
+
+def test_every_module_imports_without_network(tmp_path):
+    "Each module of the package, imported in a fresh process under the same guard (bf16 branch taken): no connection attempt."
+    import pkgutil, typhoon_nb
+    mods = sorted(m.name for m in pkgutil.walk_packages(typhoon_nb.__path__, 'typhoon_nb.'))
+    assert {'typhoon_nb.loader', 'typhoon_nb.offline', 'typhoon_nb.patches.gqa'} <= set(mods)
+    env, attempts, asked = _guarded(tmp_path)
+    code = 'import importlib, sys\nfor m in sys.argv[1:]: importlib.import_module(m)\nimport bitsandbytes\nprint(len(sys.argv) - 1)'
+    p = subprocess.run([sys.executable, '-c', code, *mods], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    _no_attempt(p, attempts, asked)
+    assert p.stdout.strip() == str(len(mods))

@@ -1,7 +1,7 @@
 __version__ = "0.1.0"
 
-import logging as _logging
-# bitsandbytes, when imported on a CPU with AVX512-BF16, tries to fetch an optional 4-bit inference kernel from the
-# hub (only if the `kernels` package is installed) and otherwise warns once. We do not use that kernel: keep the
-# warning out of notebooks and run logs (errors from that module still show).
-_logging.getLogger('bitsandbytes.backends.cpu.ops').setLevel(_logging.ERROR)
+# First of all, before any module of ours imports transformers, PEFT or bitsandbytes: no code from the hub is run
+# (bitsandbytes asks the `kernels` package for a hub kernel when it is imported on a CPU with AVX512-BF16). See
+# nbs/00b_offline.ipynb; TYPHOON_NB_HUB_KERNELS=1 allows it.
+from .offline import guard_hub_kernels as _guard_hub_kernels
+_guard_hub_kernels()
