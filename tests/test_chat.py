@@ -21,6 +21,9 @@ def _last_samples(rd):
 
 @pytest.mark.parametrize('name,kw', [('both', dict(peft_method='both')),
                                      ('lora4bit', dict(quantization='4bit', precision='auto')),
+                                     # bf16 compute on every CPU kind (emulated where the CPU has no bf16): the reload
+                                     # must take the run's layout, unquantized weights in fp32
+                                     ('lora4bit-bf16', dict(quantization='4bit', precision='bf16')),
                                      ('rwkv', dict(use_rwkv=True, rwkv_transfer_steps=10))])
 def test_load_run_gives_the_answers_of_the_run(tmp_path, name, kw):
     "final/ reloaded through load_run answers the held-out prompts exactly as the model did at the end of the run."

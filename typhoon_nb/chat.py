@@ -56,18 +56,23 @@ def load_run(run_dir, # a run folder written by run(cfg) or `typhoon-nb train`
              device:Optional[str]=None): # cuda | cpu; None: cuda where available
     "The model of `run_dir` as it was after `stage`, loaded the way the run loaded it, in eval mode, and its tokenizer."
     from typhoon_nb.loader import load_model
-    from typhoon_nb.adapters import load_adapter
+    from typhoon_nb.adapters import load_adapter, quantization_of
+    from typhoon_nb.compat import prepare_kbit
     from typhoon_nb.patches.core import patch_model, patches_requested
     from typhoon_nb.checkpoints import load_full_weights, refuse_pickle_weights
     cfg, stages = run_stages(run_dir)
     name = stage or 'final'
     if stages.get(name, {}).get('status') != 'done': raise _stage_error(run_dir, name, stages)
+    # a k-bit run trained and evaluated with its unquantized weights (norms, embeddings, head) in fp32 (PEFT's k-bit
+    # preparation): the reload takes the same layout, else a bf16 compute dtype rounds them and greedy answers change
+    as_trained = lambda m: prepare_kbit(m, checkpointing=False) if quantization_of(m) else m
     if name == 'base':
         model, tok, _ = load_model(cfg, device=device)
-        return model.eval(), tok
+        return as_trained(model).eval(), tok
     folder = stages[name]['folder']
     patch_fn = (lambda m: patch_model(m, cfg)) if patches_requested(cfg) else None
     model, tok, _ = load_model(cfg, patch_fn=patch_fn, device=device)
+    model = as_trained(model)
     if cfg.peft_method == 'full':
         refuse_pickle_weights(folder, cfg.allow_pickle, 'stage weights')
         load_full_weights(model, folder)
