@@ -4,7 +4,7 @@
 
 # %% ../nbs/06a_runfolder.ipynb #bb02e77b
 from __future__ import annotations
-import dataclasses, datetime, json, os, platform, shutil, subprocess
+import dataclasses, datetime, json, os, platform, re, shutil, subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -12,8 +12,9 @@ from typing import Optional
 from .config import RunConfig, StageConfig
 
 # %% auto #0
-__all__ = ['RunError', 'StageResult', 'RunResult', 'write_json', 'stage_dir', 'prepare_run_dir', 'rank', 'world_size', 'is_main',
-           'init_distributed', 'barrier', 'attach_run_dir', 'read_metrics', 'eval_bars', 'eval_figure', 'plot_run']
+__all__ = ['RunError', 'StageResult', 'RunResult', 'write_json', 'lock_status', 'stage_dir', 'prepare_run_dir', 'rank',
+           'world_size', 'is_main', 'init_distributed', 'barrier', 'attach_run_dir', 'read_metrics', 'eval_bars',
+           'eval_figure', 'plot_run']
 
 # %% ../nbs/06a_runfolder.ipynb #97765313
 class RunError(RuntimeError):
@@ -123,6 +124,25 @@ def _versions():
         except md.PackageNotFoundError: out[p] = None
     return out
 
+def _canonical(name:str) -> str: return re.sub(r'[-_.]+', '-', name).lower()
+
+def lock_status(lock=None) -> dict:
+    """Whether this process runs the locked set of versions (`constraints.txt`, which `make demo` and `make test` install
+    through): the lock's path, `locked` (None where no lock lies beside the package, as after a wheel install) and the
+    packages that differ, {name: [installed, locked]}."""
+    import importlib.metadata as md
+    import typhoon_nb
+    lock = Path(lock) if lock else Path(typhoon_nb.__file__).resolve().parent.parent / 'constraints.txt'
+    if not lock.is_file(): return {'lock': None, 'locked': None, 'differ': {}}
+    differ = {}
+    for line in lock.read_text(encoding='utf-8').splitlines():
+        name, _, want = line.split('#', 1)[0].strip().partition('==')
+        if not want: continue
+        try: have = md.version(name)
+        except md.PackageNotFoundError: have = None
+        if have is None or _canonical(have) != _canonical(want.strip()): differ[_canonical(name)] = [have, want.strip()]
+    return {'lock': str(lock), 'locked': not differ, 'differ': differ}
+
 def _hardware():
     import torch
     cpu = platform.processor()
@@ -158,7 +178,7 @@ def prepare_run_dir(cfg:RunConfig) -> tuple[Path, RunConfig, dict]:
     cfg = dataclasses.replace(cfg, run_name=name)
     cfg.to_yaml(rd / 'config.yaml')
     manifest = {'created': datetime.datetime.now().isoformat(timespec='seconds'), 'status': 'running', 'seed': cfg.seed,
-                'versions': _versions(), 'git_commit': _git_commit(), 'hardware': _hardware(), 'data': {},
+                'versions': _versions(), 'lock': lock_status(), 'git_commit': _git_commit(), 'hardware': _hardware(), 'data': {},
                 'stages': {s.stage_name: {'index': i, 'kind': s.kind, 'status': 'pending'} for i, s in enumerate(cfg.stages)}}
     write_json(rd / 'manifest.json', manifest)
     return rd, cfg, manifest
