@@ -9,7 +9,7 @@ from typing import Callable
 
 # %% auto #0
 __all__ = ['CACHE_NAMES', 'takes', 'forward_cache_name', 'find_cache', 'pop_cache', 'peft_cache_name', 'is_checkpointing',
-           'set_checkpointing', 'prepare_kbit']
+           'set_checkpointing', 'args_checkpointing_field', 'prepare_kbit']
 
 # %% ../nbs/00a_compat.ipynb #fa332d8b
 def takes(fn:Callable, names:tuple) -> str|None:
@@ -63,7 +63,14 @@ def set_checkpointing(model, on:bool):
     elif m.is_gradient_checkpointing: m.gradient_checkpointing_disable()
     return model
 
-# %% ../nbs/00a_compat.ipynb #3ae8dc7c
+# %% ../nbs/00a_compat.ipynb #fcfc6f3f
+def args_checkpointing_field(args_cls:type) -> str:
+    "The field of the arguments dataclass `args_cls` (`TrainingArguments`, `SFTConfig`, ...) that turns activation checkpointing on."
+    import dataclasses
+    names = {f.name for f in dataclasses.fields(args_cls)}
+    return next(n for n in ('activation_checkpointing', 'gradient_checkpointing') if n in names)
+
+# %% ../nbs/00a_compat.ipynb #11cd5c3b
 def prepare_kbit(model, checkpointing:bool, prepare:Callable|None=None):
     "PEFT's `prepare_model_for_kbit_training` of `model`, with non-reentrant checkpointing when `checkpointing`."
     if prepare is None:

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 from transformers import TrainerCallback
+from .compat import args_checkpointing_field
 from .config import RunConfig, StageConfig, stage_view, field_help
 
 # %% auto #0
@@ -45,8 +46,8 @@ def trainer_kwargs(cfg:RunConfig, # the run
               warmup_steps=float(rv.warmup_ratio),  # a float < 1 is a ratio of the total steps in transformers 5
               weight_decay=rv.weight_decay, max_grad_norm=rv.max_grad_norm,
               per_device_train_batch_size=stage.batch_size, gradient_accumulation_steps=stage.grad_accum,
-              num_train_epochs=stage.epochs, max_steps=stage.max_steps, seed=cfg.seed,
-              activation_checkpointing=cfg.gradient_checkpointing is True)
+              num_train_epochs=stage.epochs, max_steps=stage.max_steps, seed=cfg.seed)
+    kw[args_checkpointing_field(args_cls)] = cfg.gradient_checkpointing is True
     if stage.kind in ('pretrain', 'sft'):
         kw |= dict(label_smoothing_factor=rv.label_smoothing, neftune_noise_alpha=rv.neftune_alpha,
                    max_length=stage.max_length, packing=rv.packing, padding_free=rv.packing,
@@ -56,7 +57,6 @@ def trainer_kwargs(cfg:RunConfig, # the run
         if stage.nll_weight > 0: kw |= dict(loss_type=['sigmoid', 'sft'], loss_weights=[1.0, stage.nll_weight])  # RPO: TRL's own sft loss term
     else: args_class(stage)  # raises the error naming the stage
     names = {f.name for f in dataclasses.fields(args_cls)}
-    if 'activation_checkpointing' not in names: kw['gradient_checkpointing'] = kw.pop('activation_checkpointing')  # older transformers
     return {k: v for k, v in kw.items() if k in names}
 
 # %% ../nbs/04_refinements.ipynb #276fa909

@@ -607,7 +607,8 @@ def measure(path:str, kind:str='sft', shape:str='30m', quantization:str='none', 
         if rate: tps, tokens, secs = clock.rate()
         else: tps, tokens, secs = None, tr.state.num_input_tokens_seen, time.perf_counter() - t1
         if dev == 'cuda': mem |= {'cuda_max_reserved_bytes': torch.cuda.max_memory_reserved()}
-        ck = getattr(tr.args, 'activation_checkpointing', False) or getattr(tr.args, 'gradient_checkpointing', False)
+        from typhoon_nb.compat import args_checkpointing_field
+        ck = getattr(tr.args, args_checkpointing_field(type(tr.args)))
         res = {'path': path, 'kind': kind, 'shape': shape, 'quantization': quantization, 'peft': peft, 'steps': tr.state.global_step,
                'batch_size': batch_size, 'max_length': max_length, 'tokens_per_s': tps, 'tokens': tokens, 'seconds': secs,
                'setup_seconds': setup, 'loss': out.training_loss, 'matmul_params': n_matmul, 'flops_per_token': flops_per_token(n_matmul, peft),
