@@ -7,6 +7,10 @@ BIN := $(VENV)/bin
 # disk; a bare `torch` pulls a multi-GB CUDA build). On a GPU machine: make demo TORCH_SPEC="torch>=2.4"
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/python -m pip -q --disable-pip-version-check
+# The lock of tested versions: every install goes through it, so a fresh machine gets the set the suite passed with.
+# LOCK= installs the newest releases settings.ini allows (make test-latest); make lock moves the lock forward.
+LOCK ?= constraints.txt
+PIN := $(if $(LOCK),-c $(LOCK))
 # nbdev_test workers and pytest workers (pytest-xdist, one test file per worker); each runs torch on TEST_THREADS
 # threads, so that the workers together use the cores once (the models in tests are small: one thread each is faster
 # than two workers fighting over two threads each)
@@ -14,19 +18,19 @@ NB_WORKERS ?= 2
 PYTEST_WORKERS ?= 2
 TEST_THREADS ?= 1
 
-.PHONY: demo test install install-dev browser-deps sync-check nbtest pytest readme docs bench base
+.PHONY: demo test install install-dev browser-deps sync-check nbtest pytest readme docs bench base lock test-latest test-oldest
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip
+	$(PIP) install --upgrade pip $(PIN)
 
-$(VENV)/.installed: $(BIN)/python settings.ini setup.py
-	$(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install -e .
+$(VENV)/.installed: $(BIN)/python settings.ini setup.py $(LOCK)
+	$(PIP) install "$(TORCH_SPEC)" $(PIN)
+	$(PIP) install -e . $(PIN)
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[dev]" $(PIN)
 	touch $@
 
 install: $(VENV)/.installed
@@ -71,9 +75,24 @@ sync-check: install-dev
 nbtest: install-dev
 	OMP_NUM_THREADS=$(TEST_THREADS) $(BIN)/nbdev_test --n_workers $(NB_WORKERS)
 
-# -rs: every skipped test and its reason in the closing summary
+# -rs: every skipped test and its reason in the closing summary; TYPHOON_NB_LOCK: the lock this venv was installed through
 pytest: install-dev
-	OMP_NUM_THREADS=$(TEST_THREADS) $(BIN)/python -m pytest tests -q -rs --durations=10 -n $(PYTEST_WORKERS) --dist loadfile
+	OMP_NUM_THREADS=$(TEST_THREADS) TYPHOON_NB_LOCK=$(LOCK) $(BIN)/python -m pytest tests -q -rs --durations=10 -n $(PYTEST_WORKERS) --dist loadfile
+
+## The declared ranges at both ends, each in a venv of its own: the newest releases (no lock), and the lower bounds of
+## settings.ini (torch stays TORCH_SPEC). make lock: test-latest, then the lock rewritten from what passed.
+test-latest:
+	rm -rf .venv-latest
+	$(MAKE) test VENV=.venv-latest LOCK=
+
+test-oldest:
+	rm -rf .venv-oldest && mkdir -p build
+	$(PYTHON) tools/lock.py oldest > build/oldest-constraints.txt
+	$(MAKE) test VENV=.venv-oldest LOCK=build/oldest-constraints.txt
+
+lock: test-latest
+	$(PYTHON) tools/lock.py freeze .venv-latest/bin/python constraints.txt
+	@echo "lock: constraints.txt rewritten from the versions the suite passed with (git diff constraints.txt)"
 
 ## Rebuild the embedded tiny Typhoon from its recipe and ship it to typhoon_nb/assets/ (on a GPU where there is one:
 ## minutes there, hours on 2 CPU cores); make test then checks the new files against their recorded hashes
