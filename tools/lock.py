@@ -1,6 +1,6 @@
 """The lock of tested versions (`constraints.txt`) and the oldest versions `settings.ini` allows.
 
-    python tools/lock.py oldest [settings.ini [LOCK]]   the runtime requirements at their lower bounds, dev tools as locked
+    python tools/lock.py oldest [settings.ini [LOCK]]   the runtime requirements at their lower bounds, dev tools no newer than locked
     python tools/lock.py freeze VENV_PYTHON [OUT]       write the lock from a venv in which the suite passed
 
 `make lock` runs `freeze` after `make test-latest` passed; `make test-oldest` installs through `oldest`. torch is left
@@ -35,9 +35,9 @@ def _section(settings, key) -> list[str]:
 
 def oldest(settings=ROOT / 'settings.ini', lock=LOCK) -> list[str]:
     """Constraints of `make test-oldest`: each runtime requirement with a lower bound (`>=`, `==`) pinned to it, torch
-    left out; each dev tool (nbdev, pytest, ...) that is not a runtime requirement pinned to its version in the lock
-    (the range users install is the runtime one; the dev tools are what `make test` installs, and they float otherwise
-    against the newest releases of what they depend on)."""
+    left out; each dev tool (nbdev, pytest, ...) that is not a runtime requirement capped at its version in the lock
+    (the range users install is the runtime one; the dev tools are what `make test` installs: no newer than tested,
+    and older where the runtime bounds need it)."""
     from packaging.version import Version
     bounds = {}  # a name required twice takes the higher of its bounds
     for r in _section(settings, 'requirements'):
@@ -49,8 +49,8 @@ def oldest(settings=ROOT / 'settings.ini', lock=LOCK) -> list[str]:
     pins = read_lock(lock) if Path(lock).is_file() else {}
     for r in _section(settings, 'dev_requirements'):
         name, _ = split(r)
-        if canonical(name) not in bounds and canonical(name) in pins: bounds[canonical(name)] = (name, pins[canonical(name)])
-    return [f'{n}=={v}' for n, v in bounds.values()]
+        if canonical(name) not in bounds and canonical(name) in pins: bounds[canonical(name)] = (name, pins[canonical(name)], '<=')
+    return [f'{b[0]}{b[2] if len(b) > 2 else "=="}{b[1]}' for b in bounds.values()]
 
 def read_lock(path=LOCK) -> dict[str, str]:
     "{canonical name: version} of a lock file."
