@@ -492,7 +492,10 @@ def _no_attempt(p, attempts, asked):
     "The subprocess passed, tried no connection, took the bf16 branch of bitsandbytes, and printed no notice of the hub."
     assert p.returncode == 0, p.stderr[-3000:]
     assert not attempts.exists() or attempts.read_text() == '', attempts.read_text()
-    assert asked.exists() and 'asked' in asked.read_text()  # bitsandbytes asked its CPU feature check: the branch ran
+    import importlib.util
+    bnb_f = importlib.util.find_spec('bitsandbytes.functional')
+    if bnb_f and 'has_avx512bf16' in Path(bnb_f.origin).read_text():  # where bitsandbytes has the check (0.50 has, 0.48 has none)
+        assert asked.exists() and 'asked' in asked.read_text()  # bitsandbytes asked its CPU feature check: the branch ran
     out = p.stdout + p.stderr
     for notice in ('publisher trust', 'kernels-community', 'gemm_4bit_forward'): assert notice not in out, out[-3000:]
 
